@@ -1,0 +1,134 @@
+"""Every config key with its default; configs in `configs/` start from `base_config()`.
+
+The returned ConfigDict is locked, so a typo in a config file or on the command
+line (`--config.model.hiden_size=...`) is refused with the valid keys listed.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mmgen_jax import modalities as modalities_lib
+
+
+def scenes_modalities(with_label_modality: bool = False) -> ml_collections.ConfigDict:
+  """The procedural scenes' modalities in MMGen's order (rgb, depth, normal, mask)."""
+  mods = dict(
+      rgb=modalities_lib.spec(0, 'rgb', 1.0),
+      depth=modalities_lib.spec(1, 'depth', 0.2),
+      normal=modalities_lib.spec(2, 'normal', 0.1),
+      segmentation=modalities_lib.spec(3, 'segmentation', 0.1, palette='scenes'),
+  )
+  if with_label_modality:
+    mods['label'] = modalities_lib.spec(4, 'label', 0.1, num_classes=4)
+  return ml_collections.ConfigDict(mods)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.modalities = scenes_modalities()
+
+  # ---- data ------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'mmgen_scenes'        # TFDS builder name
+  c.data.builder_config = 'res32_small'  # TFDS builder config (resolution + size)
+  c.data.data_dir = ''                # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.train_split = 'train'
+  c.data.eval_split = 'validation'
+  c.data.class_field = 'label'        # record field used as the class condition y
+  c.data.num_classes = 4
+  c.data.global_batch_size = 32
+  c.data.shuffle_seed = 0
+  c.data.worker_count = 0             # Grain mp_prefetch workers (0 = in-process)
+  c.data.worker_buffer_size = 2
+  c.data.on_bad_record = 'raise'      # 'raise' | 'skip' (skipped records are counted)
+  c.data.augment = ml_collections.ConfigDict()
+  c.data.augment.hflip = True
+  c.data.augment.crop_min_scale = 1.0  # < 1 enables random crop + resize back
+
+  # ---- codec: pixel space or SD-VAE latents ----------------------------------
+  c.codec = ml_collections.ConfigDict()
+  c.codec.name = 'identity'           # 'identity' | 'sd_vae'
+  c.codec.latent_channels = 4
+  c.codec.scale = 0.18215
+  c.codec.weights = ''                # safetensors file for 'sd_vae'
+
+  # ---- model -----------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.patch_size = 2
+  c.model.hidden_size = 128
+  c.model.depth = 4
+  c.model.num_heads = 4
+  c.model.mlp_ratio = 4.0
+  c.model.qk_norm = False
+  c.model.class_dropout_prob = 0.1
+  c.model.use_task_embedding = True
+  c.model.repa_encoder_depth = 0      # > 0 adds the REPA projector after this block
+  c.model.repa_z_dim = 768
+  c.model.repa_projector_dim = 2048
+  c.model.param_dtype = 'float32'
+  c.model.dtype = 'float32'           # compute dtype: 'float32' | 'bfloat16'
+
+  # ---- objective ---------------------------------------------------------------
+  c.objective = ml_collections.ConfigDict()
+  c.objective.name = 'decoupled'      # 'decoupled' (MMGen) | 'mt_elbo' (MT-Diffusion)
+  c.objective.path = 'linear'         # 'linear' | 'vp_cosine' | 'vp_linear'
+  c.objective.prediction = 'v'        # 'v' | 'eps' | 'x0'
+  c.objective.joint_prob = 0.75       # else conditional on one modality
+  c.objective.cond_t_max = 0.01       # condition time ~ cond_t_max * U(0, 1)
+  c.objective.rgb_only_prob = 0.5     # fraction of samples supervised on RGB only
+  c.objective.slot_dropout_prob = 0.0  # random loss dropout of non-RGB slots
+  c.objective.primary = 'rgb'         # mt_elbo: the modality that is the shared space z_0
+  c.objective.num_timesteps = 1000    # mt_elbo: discrete T
+  c.objective.w_max = 0.1             # mt_elbo: encoder weight schedule scale
+  c.objective.decoder_weight = 1.0    # mt_elbo: weight of the decoder terms
+
+  # ---- optimiser -------------------------------------------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-4
+  c.optim.warmup_steps = 0
+  c.optim.schedule = 'constant'       # 'constant' | 'cosine'
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip_norm = 1.0
+  c.optim.ema_decay = 0.9999
+  c.optim.grad_accum_steps = 1
+
+  # ---- parallelism: mesh shape and logical-axis rules ----------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                    # -1 fills the remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.sharding_rules = (
+      ('batch', ('data', 'fsdp')),
+      ('embed', 'fsdp'),
+      ('mlp', 'tensor'),
+      ('heads', 'tensor'),
+      ('kv', None),
+      ('vocab', None),
+      ('patch_in', None),
+      ('channels', None),
+      ('length', None),
+      ('freq', None),
+  )
+
+  # ---- training loop -------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.log_every = 50
+  c.train.sample_every = 500
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.peak_flops = 0.0            # per-device peak FLOP/s for MFU (0 = not reported)
+
+  # ---- sampling and evaluation ---------------------------------------------
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_steps = 50
+  c.sample.cfg_scale = 1.0
+  c.sample.num_images = 8
+  c.sample.use_ema = True
+
+  return c
