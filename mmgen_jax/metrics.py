@@ -1,0 +1,162 @@
+"""The metric math: pure numpy functions, no I/O.
+
+Conventions follow the dense-prediction literature (Marigold's evaluation):
+depth predicted up to an affine transform is aligned to the ground truth by
+least squares before AbsRel and δ1; normals are compared by the angle between
+unit vectors; segmentation by per-class IoU over classes that occur.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
+  if a.shape != b.shape:
+    raise ValueError(f'{what}: prediction shape {a.shape} != ground-truth shape {b.shape}.')
+
+
+# ---- depth -------------------------------------------------------------------
+
+def align_depth_least_squares(pred: np.ndarray, gt: np.ndarray,
+                              valid: np.ndarray | None = None) -> np.ndarray:
+  """Per image, the scale s and shift b minimising |s·pred + b − gt|² on valid pixels.
+
+  pred, gt: (N, H, W). Returns s·pred + b, same shape.
+  """
+  _check_same_shape(pred, gt, 'align_depth_least_squares')
+  pred = pred.astype(np.float64)
+  gt = gt.astype(np.float64)
+  valid = np.ones_like(gt, bool) if valid is None else valid
+  out = np.empty_like(pred)
+  for i in range(pred.shape[0]):
+    p, g = pred[i][valid[i]], gt[i][valid[i]]
+    if p.size < 2:
+      raise ValueError(f'image {i}: {p.size} valid depth pixels; need at least 2 to align.')
+    a = np.stack([p, np.ones_like(p)], axis=1)
+    (s, b), *_ = np.linalg.lstsq(a, g, rcond=None)
+    out[i] = s * pred[i] + b
+  return out
+
+
+def depth_metrics(pred: np.ndarray, gt: np.ndarray, *, align: bool = True,
+                  min_depth: float = 1e-3) -> dict[str, float]:
+  """AbsRel, RMSE and δ1 (fraction with max(p/g, g/p) < 1.25) over pixels with gt > min_depth.
+
+  Aligned predictions can come out at or below zero on a few pixels; those are
+  counted (`depth/nonpositive_frac`) and floored at min_depth for the ratios.
+  """
+  _check_same_shape(pred, gt, 'depth_metrics')
+  valid = np.isfinite(gt) & (gt > min_depth)
+  p = align_depth_least_squares(pred, gt, valid) if align else pred.astype(np.float64)
+  p, g = p[valid], gt[valid].astype(np.float64)
+  nonpositive = float(np.mean(p <= min_depth))
+  p = np.maximum(p, min_depth)
+  ratio = np.maximum(p / g, g / p)
+  return {
+      'depth/abs_rel': float(np.mean(np.abs(p - g) / g)),
+      'depth/rmse': float(np.sqrt(np.mean((p - g) ** 2))),
+      'depth/delta1': float(np.mean(ratio < 1.25)),
+      'depth/nonpositive_frac': nonpositive,
+  }
+
+
+def unnormalize_depth(pred_minus1_1: np.ndarray, depth_min: np.ndarray,
+                      depth_max: np.ndarray) -> np.ndarray:
+  """Inverse of the per-image affine normalisation to [-1, 1] (for oracle-range evaluation)."""
+  lo = np.asarray(depth_min).reshape(-1, 1, 1)
+  hi = np.asarray(depth_max).reshape(-1, 1, 1)
+  return (pred_minus1_1 + 1.0) / 2.0 * (hi - lo) + lo
+
+
+# ---- normals -----------------------------------------------------------------
+
+def normal_angles_deg(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+  """Angle in degrees between predicted and true normals, (..., 3) -> (...).
+
+  Predictions are renormalised; a zero-length prediction counts as 180°.
+  """
+  _check_same_shape(pred, gt, 'normal_angles_deg')
+  pred = pred.astype(np.float64)
+  norm = np.linalg.norm(pred, axis=-1)
+  unit = pred / np.maximum(norm, 1e-12)[..., None]
+  cos = np.sum(unit * gt.astype(np.float64), axis=-1)
+  cos = np.where(norm > 1e-12, cos, -1.0)
+  return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+
+
+def normal_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+  ang = normal_angles_deg(pred, gt).ravel()
+  return {
+      'normal/mean_deg': float(np.mean(ang)),
+      'normal/median_deg': float(np.median(ang)),
+      'normal/within_11.25': float(np.mean(ang < 11.25)),
+      'normal/within_22.5': float(np.mean(ang < 22.5)),
+      'normal/within_30': float(np.mean(ang < 30.0)),
+  }
+
+
+# ---- segmentation ------------------------------------------------------------
+
+def confusion_matrix(pred_ids: np.ndarray, gt_ids: np.ndarray, num_classes: int) -> np.ndarray:
+  _check_same_shape(pred_ids, gt_ids, 'confusion_matrix')
+  for name, ids in (('prediction', pred_ids), ('ground truth', gt_ids)):
+    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+      raise ValueError(f'{name} ids span [{ids.min()}, {ids.max()}]; expected [0, {num_classes}).')
+  flat = gt_ids.astype(np.int64).ravel() * num_classes + pred_ids.astype(np.int64).ravel()
+  return np.bincount(flat, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(pred_ids: np.ndarray, gt_ids: np.ndarray,
+                         num_classes: int) -> dict[str, float]:
+  """mIoU over the classes present in prediction or ground truth, and pixel accuracy."""
+  cm = confusion_matrix(pred_ids, gt_ids, num_classes).astype(np.float64)
+  tp = np.diag(cm)
+  union = cm.sum(0) + cm.sum(1) - tp
+  present = union > 0
+  return {
+      'segmentation/miou': float(np.mean(tp[present] / union[present])) if present.any() else 0.0,
+      'segmentation/pixel_acc': float(tp.sum() / max(cm.sum(), 1.0)),
+  }
+
+
+# ---- classification ----------------------------------------------------------
+
+def accuracy(logits_or_ids: np.ndarray, labels: np.ndarray) -> float:
+  pred = logits_or_ids.argmax(-1) if logits_or_ids.ndim == labels.ndim + 1 else logits_or_ids
+  return float(np.mean(pred == labels))
+
+
+# ---- Fréchet distance (FID) ------------------------------------------------
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and covariance (N−1 denominator) of (N, D) features, in float64."""
+  if features.ndim != 2 or features.shape[0] < 2:
+    raise ValueError(f'features must be (N >= 2, D); got shape {features.shape}.')
+  f = features.astype(np.float64)
+  return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+  w, v = np.linalg.eigh((m + m.T) / 2)
+  return (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
+                     sigma2: np.ndarray) -> float:
+  """d² = |mu1 − mu2|² + Tr(σ1) + Tr(σ2) − 2 Tr((σ1 σ2)^½).
+
+  Tr((σ1 σ2)^½) equals Tr((√σ1 σ2 √σ1)^½), whose argument is symmetric PSD, so
+  both roots come from eigendecompositions; eigenvalues a round-off below zero
+  are set to zero (covariances are PSD by construction).
+  """
+  mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+  sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+  if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+    raise ValueError(f'statistics disagree: mu {mu1.shape} vs {mu2.shape}, '
+                     f'sigma {sigma1.shape} vs {sigma2.shape}.')
+  root1 = _sqrt_psd(sigma1)
+  inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+  tr_covmean = np.sum(np.sqrt(np.maximum(inner, 0.0)))
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
