@@ -27,6 +27,9 @@ def scenes_modalities(with_label_modality: bool = False) -> ml_collections.Confi
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # A model narrower than its patch input (patch² × input channels) stalls; set
+  # True to train it anyway (config_validation warns instead of refusing).
+  c.allow_narrow_patch = False
 
   c.modalities = scenes_modalities()
 
@@ -34,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = 'mmgen_scenes'        # TFDS builder name
   c.data.builder_config = 'res32_small'  # TFDS builder config (resolution + size)
+  c.data.resolution = 32              # square image side in pixels (must match the build)
   c.data.data_dir = ''                # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
@@ -70,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.repa_projector_dim = 2048
   c.model.param_dtype = 'float32'
   c.model.dtype = 'float32'           # compute dtype: 'float32' | 'bfloat16'
+  c.model.remat = False               # recompute each block in the backward pass (saves memory)
 
   # ---- objective ---------------------------------------------------------------
   c.objective = ml_collections.ConfigDict()
@@ -84,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.num_timesteps = 1000    # mt_elbo: discrete T
   c.objective.w_max = 0.1             # mt_elbo: encoder weight schedule scale
   c.objective.decoder_weight = 1.0    # mt_elbo: weight of the decoder terms
+  c.objective.aux_observed_prob = 0.4  # mt_elbo: P(an auxiliary modality is a trunk input)
+  c.objective.aux_absent_prob = 0.1   # mt_elbo: P(an auxiliary modality is left out, E_i = 0)
+  c.objective.masked_modality = ''    # mt_elbo: auxiliary image modality given random box masks
 
   # ---- optimiser -------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()

@@ -1,0 +1,41 @@
+r"""The embedded default: procedural 32×32 scenes in pixel space, minutes on a CPU.
+
+A 4-block, 128-wide DiT with patch 2 (256 tokens; patch input 2·2·10 = 40
+channels < 128 wide) trains for a few hundred steps on 2 CPU cores, logs often,
+writes one sample grid and one checkpoint at the end. It shows the whole flow
+working; it does not learn the scenes well (see configs/scenes32.py).
+
+  python -m mmgen_jax.main --config=configs/tiny_cpu.py --workdir=/tmp/mmgen/tiny
+"""
+
+import ml_collections
+
+from mmgen_jax import config_schema
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg  # no variants
+  c = config_schema.base_config()
+
+  c.data.builder_config = 'res32_small'  # 2,000 train / 200 validation scenes
+  c.data.resolution = 32
+  c.data.global_batch_size = 16
+
+  c.model.patch_size = 2
+  c.model.hidden_size = 128
+  c.model.depth = 4
+  c.model.num_heads = 4
+
+  c.optim.learning_rate = 3e-4   # a small model tolerates a larger step than DiT's 1e-4
+  c.optim.warmup_steps = 20
+  c.optim.ema_decay = 0.99       # an EMA over ~100 steps: meaningful within a short run
+
+  c.train.num_steps = 300
+  c.train.log_every = 10
+  c.train.sample_every = 300     # one grid, at the end
+  c.train.checkpoint_every = 300
+  c.train.keep_checkpoints = 1
+
+  c.sample.num_steps = 20
+  c.sample.num_images = 8
+  return c

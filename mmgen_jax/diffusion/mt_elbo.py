@@ -1,0 +1,386 @@
+"""Objective 2 (MT-Diffusion): the multi-task ELBO, its schedule and sampler.
+
+Forward kernel (auxiliary modalities encoded into the primary's space and summed,
+E(x) = sum_i E_i(x_i)):
+
+    q(z_t | z_{t-1}, x) = N(sqrt(alpha_t) (z_{t-1} + w_t E(x)), (1 - alpha_t) I)
+    q(z_t | z_0, x)     = N(sqrt(ab_t) z_0 + lambda_t E(x), (1 - ab_t) I)
+    lambda_t            = sum_{s<=t} w_s sqrt(ab_t / ab_{s-1})
+
+with the weight schedule w_t = (w_max / T) sqrt(ab_{t-1}), which gives
+lambda_t = w_max (t / T) sqrt(ab_t): the mean is sqrt(ab_t) (z_0 + w_max t/T E),
+so E vanishes at T exactly as fast as z_0 does and the prior stays N(0, I).
+
+Shifting by the mean, zeta_t = z_t - lambda_t E is a standard DDPM chain, so the
+posterior q(z_s | z_t, z_0, x) is DDPM's with an extra E term; with the noise
+parameterisation its mean is the DDPM mean minus w_t E. The reverse model
+predicts eps (or x0 / v) from [z_t, observed encodings] and decodes every
+auxiliary modality; the loss is the simple denoising loss plus the decoder
+negative log-likelihoods (MSE for images, cross-entropy for classes). The
+derivation, the bound that yields the decoder terms and the sampler's use of
+E are in docs/mt_elbo.md.
+
+Each auxiliary modality of a sample is in one of three states during training:
+absent (E_i zeroed in the forward process), generated (in the forward process,
+decoded by its head) or observed (also fed to the trunk as a condition).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmgen_jax import modalities as modalities_lib
+from mmgen_jax.diffusion import paths
+from mmgen_jax.models import mt_encoders
+
+_SCHEDULES = {'vp_cosine': 'cosine', 'vp_linear': 'linear'}
+
+
+# ---- schedule ----------------------------------------------------------------
+
+def encoder_weights(alpha_bar: np.ndarray, w_max: float) -> np.ndarray:
+  """w_0..T with w_0 = 0 and w_t = (w_max / T) sqrt(ab_{t-1})."""
+  T = len(alpha_bar) - 1
+  return np.concatenate([[0.0], w_max / T * np.sqrt(alpha_bar[:-1])])
+
+
+def mean_shift(alpha_bar: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """lambda_0..T = sum_{s<=t} w_s sqrt(ab_t / ab_{s-1}), by cumulative sums.
+
+  Written as sqrt(ab_t) * cumsum_s(w_s / sqrt(ab_{s-1})) and evaluated in
+  float64 with logs of alpha_bar, so no product of many alphas is formed.
+  """
+  alpha_bar = np.asarray(alpha_bar, np.float64)
+  w = np.asarray(w, np.float64)
+  log_ab = np.log(alpha_bar)
+  terms = w[1:] * np.exp(-0.5 * log_ab[:-1])
+  return np.concatenate([[0.0], np.exp(0.5 * log_ab[1:]) * np.cumsum(terms)])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Schedule:
+  """Discrete MT-Diffusion schedule, arrays indexed by t = 0..T (float64)."""
+  alpha_bar: np.ndarray
+  w: np.ndarray
+
+  @property
+  def num_timesteps(self) -> int:
+    return len(self.alpha_bar) - 1
+
+  @functools.cached_property
+  def lam(self) -> np.ndarray:
+    return mean_shift(self.alpha_bar, self.w)
+
+  def _at(self, values: np.ndarray, t, ndim: int):
+    v = jnp.asarray(values, jnp.float32)[t]
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+  def q_sample(self, z0, Ex, t, eps):
+    """z_t = sqrt(ab_t) z0 + lambda_t E(x) + sqrt(1 - ab_t) eps; t (N,) int in 1..T."""
+    ab = self._at(self.alpha_bar, t, z0.ndim)
+    return jnp.sqrt(ab) * z0 + self._at(self.lam, t, z0.ndim) * Ex + jnp.sqrt(1.0 - ab) * eps
+
+  def posterior_mean_var(self, z_t, z0, Ex, t, s=None):
+    """Mean and variance of q(z_s | z_t, z_0, x), s < t (default s = t - 1).
+
+    zeta = z - lambda E is a DDPM chain, so with ab_{t|s} = ab_t / ab_s:
+      mean = lambda_s E + c0 z0 + ct (z_t - lambda_t E),
+      c0 = sqrt(ab_s) (1 - ab_{t|s}) / (1 - ab_t),
+      ct = sqrt(ab_{t|s}) (1 - ab_s) / (1 - ab_t),
+      var = (1 - ab_s)(1 - ab_{t|s}) / (1 - ab_t).
+    """
+    s = t - 1 if s is None else s
+    nd = z_t.ndim
+    ab_t, ab_s = self._at(self.alpha_bar, t, nd), self._at(self.alpha_bar, s, nd)
+    ab_ts = ab_t / ab_s
+    c0 = jnp.sqrt(ab_s) * (1.0 - ab_ts) / (1.0 - ab_t)
+    ct = jnp.sqrt(ab_ts) * (1.0 - ab_s) / (1.0 - ab_t)
+    lam_t, lam_s = self._at(self.lam, t, nd), self._at(self.lam, s, nd)
+    mean = lam_s * Ex + c0 * z0 + ct * (z_t - lam_t * Ex)
+    var = (1.0 - ab_s) * (1.0 - ab_ts) / (1.0 - ab_t)
+    return mean, var
+
+  def z0_from_eps(self, z_t, eps, Ex, t):
+    ab = self._at(self.alpha_bar, t, z_t.ndim)
+    return (z_t - self._at(self.lam, t, z_t.ndim) * Ex - jnp.sqrt(1.0 - ab) * eps) / jnp.sqrt(ab)
+
+  def eps_mean(self, z_t, eps, Ex, t):
+    """The one-step posterior mean in noise form: (z_t - beta_t / sigma_t eps) / sqrt(alpha_t) - w_t E."""
+    nd = z_t.ndim
+    ab_t, ab_p = self._at(self.alpha_bar, t, nd), self._at(self.alpha_bar, t - 1, nd)
+    alpha = ab_t / ab_p
+    return ((z_t - (1.0 - alpha) / jnp.sqrt(1.0 - ab_t) * eps) / jnp.sqrt(alpha)
+            - self._at(self.w, t, nd) * Ex)
+
+
+def make_schedule(num_timesteps: int, kind: str = 'cosine', w_max: float = 0.1) -> Schedule:
+  """kind: 'cosine' | 'linear' (see paths.vp_alpha_bar_discrete)."""
+  if w_max < 0:
+    raise ValueError(f'w_max={w_max} must be >= 0.')
+  ab = paths.vp_alpha_bar_discrete(kind, num_timesteps)
+  return Schedule(alpha_bar=ab, w=encoder_weights(ab, w_max))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_schedule(num_timesteps: int, kind: str, w_max: float) -> Schedule:
+  return make_schedule(num_timesteps, kind, w_max)
+
+
+def schedule_from_config(cfg) -> Schedule:
+  """The schedule of config.objective (path vp_cosine | vp_linear)."""
+  if cfg.path not in _SCHEDULES:
+    raise ValueError(f'config.objective.path={cfg.path!r}: the mt_elbo objective is a discrete '
+                     f'variance-preserving chain; use one of {sorted(_SCHEDULES)}.')
+  return _cached_schedule(int(cfg.num_timesteps), _SCHEDULES[cfg.path], float(cfg.w_max))
+
+
+# ---- masked-image auxiliary input --------------------------------------------
+
+def random_box_mask(rng, shape: tuple[int, int, int], *, min_frac: float = 0.25,
+                    max_frac: float = 0.5):
+  """(N, H, W, 1) float mask, 1 inside one random box per sample.
+
+  Box sides are uniform in [min_frac, max_frac] of the image side; the position
+  is uniform over where the box fits.
+  """
+  if not 0.0 < min_frac <= max_frac <= 1.0:
+    raise ValueError(f'need 0 < min_frac <= max_frac <= 1, got {min_frac}, {max_frac}.')
+  n, h, w = shape
+  k_size, k_pos = jax.random.split(rng)
+  frac = jax.random.uniform(k_size, (n, 2), minval=min_frac, maxval=max_frac)
+  size = jnp.round(frac * jnp.array([h, w])).astype(jnp.int32)
+  start = jnp.floor(jax.random.uniform(k_pos, (n, 2)) * (jnp.array([h, w]) - size + 1))
+  start = start.astype(jnp.int32)
+  rows = jnp.arange(h)[None, :]
+  cols = jnp.arange(w)[None, :]
+  in_rows = (rows >= start[:, :1]) & (rows < start[:, :1] + size[:, :1])
+  in_cols = (cols >= start[:, 1:]) & (cols < start[:, 1:] + size[:, 1:])
+  return (in_rows[:, :, None] & in_cols[:, None, :]).astype(jnp.float32)[..., None]
+
+
+def masked_image(rng, image, *, fill: float = 0.0, **box_kwargs):
+  """The masked-image auxiliary input: `image` with a random box set to `fill`.
+
+  Returns (masked image, mask). Use with an auxiliary modality that reads the
+  rgb field (e.g. modalities.spec(slot, 'rgb', field='rgb')) and
+  config.objective.masked_modality naming it.
+  """
+  mask = random_box_mask(rng, image.shape[:3], **box_kwargs)
+  return image * (1.0 - mask) + fill * mask, mask
+
+
+# ---- loss ----------------------------------------------------------------------
+
+def _check_cfg(cfg) -> None:
+  if cfg.prediction not in paths.PREDICTIONS:
+    raise ValueError(f'config.objective.prediction={cfg.prediction!r} is not one of '
+                     f'{paths.PREDICTIONS}.')
+  for key in ('aux_observed_prob', 'aux_absent_prob'):
+    if not 0.0 <= getattr(cfg, key) <= 1.0:
+      raise ValueError(f'config.objective.{key}={getattr(cfg, key)} must be in [0, 1].')
+  if cfg.aux_observed_prob + cfg.aux_absent_prob > 1.0:
+    raise ValueError('config.objective.aux_observed_prob + aux_absent_prob must be <= 1, got '
+                     f'{cfg.aux_observed_prob} + {cfg.aux_absent_prob}.')
+  if cfg.decoder_weight < 0:
+    raise ValueError(f'config.objective.decoder_weight={cfg.decoder_weight} must be >= 0.')
+
+
+def aux_states(rng, n: int, names: Sequence[str], cfg, batch: Mapping[str, jax.Array]):
+  """(present, observed) float masks (N, A) over the auxiliary modalities.
+
+  A batch may carry '<name>_present' (N,) bool for samples that lack a modality.
+  """
+  u = jax.random.uniform(rng, (n, len(names)))
+  present = u >= cfg.aux_absent_prob
+  observed = present & (u < cfg.aux_absent_prob + cfg.aux_observed_prob)
+  if names:
+    given = jnp.stack([jnp.asarray(batch.get(f'{m}_present', jnp.ones((n,), bool)), bool)
+                       for m in names], axis=1)
+    present, observed = present & given, observed & given
+  return present.astype(jnp.float32), observed.astype(jnp.float32)
+
+
+def _weighted_sum(encodings: Sequence[jax.Array], weights):
+  """sum_i weights[:, i] * encodings[i]; zeros_like(ref) when there are none."""
+  total = 0.0
+  for i, e in enumerate(encodings):
+    total = total + weights[:, i].reshape((-1, 1, 1, 1)) * e
+  return total
+
+
+def _class_condition(mods, batch, rng, n, num_classes, class_dropout_prob):
+  """Class modalities are modelled by the chain, so y is then the null class."""
+  if modalities_lib.classes(mods) or 'label' not in batch:
+    return jnp.full((n,), num_classes, jnp.int32)
+  y = batch['label']
+  if class_dropout_prob > 0:
+    y = jnp.where(jax.random.uniform(rng, (n,)) < class_dropout_prob, num_classes, y)
+  return y.astype(jnp.int32)
+
+
+def prediction_target(prediction: str, z0, eps, alpha_bar):
+  if prediction == 'eps':
+    return eps
+  if prediction == 'x0':
+    return z0
+  return jnp.sqrt(alpha_bar) * eps - jnp.sqrt(1.0 - alpha_bar) * z0
+
+
+def mt_elbo_loss(model: mt_encoders.MTDiffusion, batch: Mapping[str, jax.Array], rng, *,
+                 mods: Sequence[modalities_lib.Modality], cfg, num_classes: int,
+                 class_dropout_prob: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The multi-task ELBO loss; `cfg` is config.objective. Returns (loss, metrics).
+
+  rng is split as (t, eps, aux states, box masks, labels).
+  """
+  _check_cfg(cfg)
+  sched = schedule_from_config(cfg)
+  primary, aux = mt_encoders.split_primary(mods, cfg.primary)
+  names = model.aux_names
+  if sorted(names) != sorted(m.name for m in aux):
+    raise ValueError(f'model encoders {sorted(names)} do not match the auxiliary modalities '
+                     f'{sorted(m.name for m in aux)}.')
+  z0 = batch[primary.name]
+  n = z0.shape[0]
+  k_t, k_eps, k_state, k_mask, k_label = jax.random.split(rng, 5)
+
+  batch = dict(batch)
+  if cfg.masked_modality:
+    if cfg.masked_modality not in model.aux_images:
+      raise ValueError(f'config.objective.masked_modality={cfg.masked_modality!r} is not an '
+                       f'auxiliary image modality {list(model.aux_images)}.')
+    batch[cfg.masked_modality] = masked_image(k_mask, batch[cfg.masked_modality])[0]
+
+  t = jax.random.randint(k_t, (n,), 1, sched.num_timesteps + 1)
+  eps = jax.random.normal(k_eps, z0.shape, z0.dtype)
+  present, observed = aux_states(k_state, n, names, cfg, batch)
+  encoded = mt_encoders.encode_all(model, batch)
+  encodings = [encoded[m] for m in names]
+  Ex = _weighted_sum(encodings, present) + jnp.zeros_like(z0)
+  cond = _weighted_sum(encodings, observed) + jnp.zeros_like(z0)
+
+  z_t = sched.q_sample(z0, Ex, t, eps)
+  y = _class_condition(mods, batch, k_label, n, num_classes, class_dropout_prob)
+  out = model(z_t, t.astype(jnp.float32) / sched.num_timesteps, cond, y)
+  decoded = model.decoder_outputs(out)
+
+  ab = sched._at(sched.alpha_bar, t, z0.ndim)
+  target = prediction_target(cfg.prediction, z0, eps, ab)
+  denoise = jnp.mean((out.images[0].astype(jnp.float32) - target) ** 2)
+
+  loss = denoise
+  metrics = {'loss/denoise': denoise}
+  generated = present * (1.0 - observed)
+  for i, name in enumerate(names):
+    mod = modalities_lib.by_name(mods, name)
+    g = generated[:, i]
+    if mod.is_image:
+      nll = jnp.mean((decoded[name].astype(jnp.float32) - batch[name]) ** 2, axis=(1, 2, 3))
+    else:
+      logits = decoded[name].astype(jnp.float32)
+      labels = batch[name].astype(jnp.int32)
+      nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+      correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+      metrics[f'accuracy/{name}'] = jnp.sum(correct * g) / jnp.maximum(g.sum(), 1.0)
+    dec = jnp.sum(nll * g) / jnp.maximum(g.sum(), 1.0)
+    loss = loss + cfg.decoder_weight * mod.loss_weight * dec
+    metrics[f'loss/{name}'] = dec
+    metrics[f'observed_fraction/{name}'] = observed[:, i].mean()
+  metrics['loss'] = loss
+  return loss, metrics
+
+
+def make_loss_fn(config) -> Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple]:
+  """(model, batch, rng) -> (loss, metrics) for the full config."""
+  return functools.partial(
+      mt_elbo_loss, mods=modalities_lib.from_config(config.modalities), cfg=config.objective,
+      num_classes=config.data.num_classes, class_dropout_prob=config.model.class_dropout_prob)
+
+
+# ---- ancestral sampler -----------------------------------------------------------
+
+def step_times(num_timesteps: int, num_steps: int | None) -> np.ndarray:
+  """Decreasing integer times T = t_0 > ... > t_K = 0 (K = num_steps, default T)."""
+  K = num_timesteps if num_steps is None else int(num_steps)
+  if not 1 <= K <= num_timesteps:
+    raise ValueError(f'num_steps={num_steps} must be in [1, T={num_timesteps}].')
+  ts = np.round(np.linspace(num_timesteps, 0, K + 1)).astype(np.int32)
+  assert np.all(np.diff(ts) < 0), ts
+  return ts
+
+
+def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib.Modality],
+           cfg, num: int, num_classes: int, observed: Mapping[str, jax.Array] | None = None,
+           generate: Sequence[str] | None = None, y: jax.Array | None = None,
+           num_steps: int | None = None) -> dict[str, jax.Array]:
+  """Ancestral sampling with the derived posterior; returns {name: array}.
+
+  observed: auxiliary modalities given (image transition, masked image,
+  class-conditional); their exact E_i enters both the trunk input and the
+  posterior. generate: auxiliary modalities to generate (default: every one not
+  observed); their E_i is estimated at each step from the decoder heads. Any
+  other auxiliary modality is absent (E_i = 0). Returns the primary sample,
+  each generated modality's decoder output at the last step (class modalities
+  as int32 ids, read from the classifier head) and the observed inputs.
+  """
+  sched = schedule_from_config(cfg)
+  names = model.aux_names
+  observed = dict(observed or {})
+  unknown = sorted(set(observed) - set(names))
+  if unknown:
+    raise KeyError(f'observed {unknown} are not auxiliary modalities {list(names)}.')
+  generate = [m for m in names if m not in observed] if generate is None else list(generate)
+  bad = sorted(set(generate) - set(names)) + sorted(set(generate) & set(observed))
+  if bad:
+    raise ValueError(f'generate={generate}: {bad} are unknown or also observed '
+                     f'(auxiliary modalities: {list(names)}).')
+  shape = (num, *model.spatial, model.channels)
+  y = jnp.full((num,), num_classes, jnp.int32) if y is None else y
+
+  cond = jnp.zeros(shape)
+  for name, x in observed.items():
+    cond = cond + model.encode(name, jnp.asarray(x))
+  ts = step_times(sched.num_timesteps, num_steps)
+  k_init, k_steps = jax.random.split(rng)
+  graphdef, state = nnx.split(model)
+
+  def step(carry, inputs):
+    z, _ = carry
+    t, s, key = inputs
+    net = nnx.merge(graphdef, state)
+    t_vec = jnp.full((num,), t)
+    out = net(z, t_vec.astype(jnp.float32) / sched.num_timesteps, cond, y)
+    decoded = net.decoder_outputs(out)
+    E_hat = cond
+    for name in generate:
+      E_hat = E_hat + net.encode_estimate(name, decoded[name])
+    ab = sched._at(sched.alpha_bar, t_vec, z.ndim)
+    zeta = z - sched._at(sched.lam, t_vec, z.ndim) * E_hat
+    eps = paths.vp_convert(zeta, out.images[0].astype(jnp.float32), ab, cfg.prediction, 'eps')
+    z0 = sched.z0_from_eps(z, eps, E_hat, t_vec)
+    mean, var = sched.posterior_mean_var(z, z0, E_hat, t_vec, jnp.full((num,), s))
+    z = mean + jnp.sqrt(var) * jax.random.normal(key, z.shape)
+    return (z, {k: decoded[k].astype(jnp.float32) for k in generate}), None
+
+  # The decoder outputs are carried (not stacked) so memory does not grow with T.
+  last = {}
+  for name in generate:
+    if name in model.aux_classes:
+      last[name] = jnp.zeros((num, modalities_lib.by_name(mods, name).channels))
+    else:
+      last[name] = jnp.zeros((num, *model.spatial, model.aux_channels[name]))
+  z = jax.random.normal(k_init, shape)
+  keys = jax.random.split(k_steps, len(ts) - 1)
+  (z, last), _ = jax.lax.scan(step, (z, last), (jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]), keys))
+  result = {model.primary: z, **{k: jnp.asarray(v) for k, v in observed.items()}}
+  for name in generate:
+    out = last[name]
+    result[name] = jnp.argmax(out, -1).astype(jnp.int32) if name in model.aux_classes else out
+  return result

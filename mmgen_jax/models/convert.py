@@ -1,0 +1,295 @@
+"""Converter from MMGen/SiT PyTorch state dicts to `MMDiT` parameters.
+
+Key names are exactly those of the official `SiT.state_dict()` (github.com/
+jiepengwang/MMGen, `models/sit.py`), which the released checkpoints hold in
+their `ema` and `model` dicts. Every key maps to exactly one parameter with
+a layout transform (Linear (out, in) -> kernel (in, out); the stride-p Conv
+OIHW -> the (p·p·C, D) patch matrix; qkv (3·H·hd, D) -> (D, 3, H, hd)); any
+unmapped key, unfilled parameter or shape mismatch is an error naming it.
+`pos_embed` is fixed in `MMDiT` (not a parameter); it is checked against the
+table the model computes.
+
+CLI (the released SiT-XL/2 checkpoint -> flat safetensors keyed by NNX path):
+
+  python -m mmgen_jax.models.convert --checkpoint 0600000.pt --out params.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from flax import nnx
+import jax
+import numpy as np
+
+from mmgen_jax.models import dit
+
+Array = Any  # numpy array, jax.Array or jax.ShapeDtypeStruct
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One torch key -> one NNX parameter path, with the layout transform."""
+  path: tuple[str | int, ...]
+  transform: Callable[[Array], Array]
+
+
+def _identity(w):
+  return w
+
+
+def _linear_t(w):  # torch Linear (out, in) -> Flax kernel (in, out)
+  return w.T
+
+
+def mmgen_rules(model: dit.MMDiT) -> dict[str, Rule]:
+  """torch state_dict key -> Rule, for every parameter of `model`."""
+  rules: dict[str, Rule] = {}
+
+  def linear(torch_name: str, path: tuple[str | int, ...]) -> None:
+    rules[f'{torch_name}.weight'] = Rule((*path, 'kernel'), _linear_t)
+    rules[f'{torch_name}.bias'] = Rule((*path, 'bias'), _identity)
+
+  p, c, d = model.patch_size, model.in_channels, model.hidden_size
+  rules['x_embedder.proj.weight'] = Rule(
+      ('x_embedder', 'proj', 'kernel'),
+      lambda w: w.transpose(2, 3, 1, 0).reshape(p * p * c, d))  # OIHW -> (p, p, C) x D
+  rules['x_embedder.proj.bias'] = Rule(('x_embedder', 'proj', 'bias'), _identity)
+
+  linear('t_embedder.mlp.0', ('t_embedder', 'fc1'))
+  linear('t_embedder.mlp.2', ('t_embedder', 'fc2'))
+  if len(model.t_embedder.time_slots) > 1:
+    linear('t_embedder.mlp_fused.0', ('t_embedder', 'fuse_fc1'))
+    linear('t_embedder.mlp_fused.2', ('t_embedder', 'fuse_fc2'))
+  rules['y_embedder.embedding_table.weight'] = Rule(
+      ('y_embedder', 'embedding_table', 'embedding'), _identity)
+  if model.task_embedder is not None:
+    rules['taskcond_embedder.embedding_table.weight'] = Rule(
+        ('task_embedder', 'embedding_table', 'embedding'), _identity)
+
+  for i, block in enumerate(model.blocks):
+    t, b = f'blocks.{i}', ('blocks', i)
+    heads, hd = block.attn.num_heads, block.attn.head_dim
+    rules[f'{t}.attn.qkv.weight'] = Rule(
+        (*b, 'attn', 'qkv_kernel'), lambda w, h=heads, k=hd: w.T.reshape(w.shape[1], 3, h, k))
+    rules[f'{t}.attn.qkv.bias'] = Rule(
+        (*b, 'attn', 'qkv_bias'), lambda w, h=heads, k=hd: w.reshape(3, h, k))
+    rules[f'{t}.attn.proj.weight'] = Rule(
+        (*b, 'attn', 'proj_kernel'), lambda w, h=heads, k=hd: w.T.reshape(h, k, w.shape[0]))
+    rules[f'{t}.attn.proj.bias'] = Rule((*b, 'attn', 'proj_bias'), _identity)
+    if block.attn.qk_norm:
+      for norm in ('q_norm', 'k_norm'):
+        rules[f'{t}.attn.{norm}.weight'] = Rule((*b, 'attn', norm, 'scale'), _identity)
+        rules[f'{t}.attn.{norm}.bias'] = Rule((*b, 'attn', norm, 'bias'), _identity)
+    linear(f'{t}.mlp.fc1', (*b, 'mlp', 'fc1'))
+    linear(f'{t}.mlp.fc2', (*b, 'mlp', 'fc2'))
+    linear(f'{t}.adaLN_modulation.1', (*b, 'adaln_modulation'))
+
+  for j in range(len(model.projectors)):
+    for torch_idx, name in ((0, 'fc1'), (2, 'fc2'), (4, 'fc3')):
+      linear(f'projectors.{j}.{torch_idx}', ('projectors', j, name))
+
+  # The official single-head model names its head `final_layer`.
+  many = len(model.final_layers) > 1
+  for m in range(len(model.final_layers)):
+    t = f'lis_final_layer.{m}' if many else 'final_layer'
+    linear(f'{t}.linear', ('final_layers', m, 'linear'))
+    linear(f'{t}.adaLN_modulation.1', ('final_layers', m, 'adaln_modulation'))
+  if len(model.class_heads):
+    raise ValueError('MMGen checkpoints have no classifier heads; build the model with '
+                     'class_heads=() to convert one.')
+  return rules
+
+
+FIXED_KEYS = ('pos_embed',)  # buffers-in-disguise: checked, not loaded
+
+
+def plan_conversion(model: dit.MMDiT, shapes: Mapping[str, tuple[int, ...]]
+                    ) -> dict[str, Rule]:
+  """Checks keys and shapes (torch layout) against `model`; returns the rules to apply.
+
+  Raises one ValueError listing every unknown key, every parameter no key
+  fills, and every shape that does not match after the layout transform.
+  """
+  rules = mmgen_rules(model)
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  problems = []
+
+  unknown = sorted(set(shapes) - set(rules) - set(FIXED_KEYS))
+  if unknown:
+    problems.append(f'{len(unknown)} key(s) map to no parameter of the model: {unknown}')
+  targets = [r.path for r in rules.values()]
+  if len(set(targets)) != len(targets):
+    problems.append('internal error: two keys map to the same parameter')
+  missing = sorted(k for k in rules if k not in shapes)
+  if missing:
+    problems.append(f'{len(missing)} parameter key(s) absent from the state dict: {missing}')
+  unfilled = sorted('.'.join(map(str, p)) for p in set(params) - set(targets))
+  if unfilled:
+    problems.append(f'{len(unfilled)} model parameter(s) no key maps to: {unfilled}')
+  for key, rule in rules.items():
+    if key not in shapes:
+      continue
+    if rule.path not in params:
+      problems.append(f'{key}: target {".".join(map(str, rule.path))} is not a model parameter')
+      continue
+    want = tuple(params[rule.path].get_value().shape)
+    try:
+      got = jax.eval_shape(rule.transform, jax.ShapeDtypeStruct(tuple(shapes[key]), np.float32))
+      got = tuple(got.shape)
+    except (TypeError, ValueError) as e:  # reshape impossible: the source shape is wrong
+      got = f'untransformable ({e})'
+    if got != want:
+      problems.append(f'{key}: torch shape {tuple(shapes[key])} -> {got}, but '
+                      f'{".".join(map(str, rule.path))} expects {want}')
+  if 'pos_embed' in shapes:
+    want = (1, model.grid_size ** 2, model.hidden_size)
+    if tuple(shapes['pos_embed']) != want:
+      problems.append(f'pos_embed: shape {tuple(shapes["pos_embed"])}, expected {want}')
+  if problems:
+    raise ValueError('state dict does not match the model:\n  ' + '\n  '.join(problems))
+  return rules
+
+
+def convert_mmgen_state_dict(state_dict: Mapping[str, np.ndarray], model: dit.MMDiT,
+                             *, pos_embed_atol: float = 1e-6) -> nnx.State:
+  """Returns the model's Param state filled from an MMGen/SiT state dict.
+
+  Values are numpy arrays in the parameters' dtype. `model` may be abstract
+  (`nnx.eval_shape`); use `load_mmgen_state_dict` to assign into a model.
+  """
+  state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
+  rules = plan_conversion(model, {k: v.shape for k, v in state_dict.items()})
+  if 'pos_embed' in state_dict:
+    ours = model.pos_embed()
+    err = float(np.abs(state_dict['pos_embed'].reshape(ours.shape) - ours).max())
+    if err > pos_embed_atol:
+      raise ValueError(f'pos_embed differs from the fixed sin-cos table by {err:.3g} '
+                       f'(> {pos_embed_atol}); the checkpoint uses another position layout.')
+  state = nnx.state(model, nnx.Param)
+  flat = dict(nnx.to_flat_state(state))
+  for key, rule in rules.items():
+    var = flat[rule.path]
+    # Contiguous copy: transposed views would be written wrongly by some savers.
+    value = np.ascontiguousarray(rule.transform(state_dict[key]), dtype=var.get_value().dtype)
+    flat[rule.path] = var.replace(value)
+  return nnx.from_flat_state(flat)
+
+
+def load_mmgen_state_dict(model: dit.MMDiT, state_dict: Mapping[str, np.ndarray]) -> None:
+  """Converts `state_dict` and assigns it into `model`, keeping each parameter's sharding."""
+  new = convert_mmgen_state_dict(state_dict, model)
+  nnx.update(model, _placed_like(nnx.state(model, nnx.Param), new))
+
+
+def _placed_like(current: nnx.State, new: nnx.State) -> nnx.State:
+  def place(old, value):
+    sharding = getattr(old, 'sharding', None)
+    return jax.device_put(value, sharding) if sharding is not None else jax.numpy.asarray(value)
+  return jax.tree.map(place, current, new)
+
+
+# ---- files ---------------------------------------------------------------------
+
+
+def load_torch_state_dict(path: str, *, subset: str = 'ema', prefix: str = ''
+                          ) -> dict[str, np.ndarray]:
+  """Reads a state dict (key -> float32 numpy array) from .safetensors or .pt/.pth.
+
+  A training checkpoint (a dict with 'model'/'ema' entries, as MMGen saves)
+  yields its `subset` dict ('ema' by default, as the official sampler uses).
+  With `prefix`, only keys starting with it are kept, with it removed (e.g.
+  'params/' for the parity vectors).
+  """
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    sd = load_file(path)
+  elif path.endswith(('.pt', '.pth', '.ckpt', '.bin')):
+    sd = _torch_load(path, subset)
+  else:
+    raise ValueError(f'{path}: unknown checkpoint format; expected .safetensors or .pt/.pth.')
+  if prefix:
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not sd:
+      raise ValueError(f'{path}: no key starts with prefix {prefix!r}.')
+  return sd
+
+
+def _torch_load(path: str, subset: str) -> dict[str, np.ndarray]:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'Reading {path} needs PyTorch (pip install torch); or convert the '
+                      'state dict to .safetensors elsewhere and load that.') from e
+  # MMGen checkpoints keep their flags as an argparse.Namespace under 'args'.
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+  if isinstance(ckpt, dict) and ('ema' in ckpt or 'model' in ckpt):
+    if subset not in ckpt:
+      raise KeyError(f'{path}: checkpoint has no {subset!r} entry; it has {sorted(ckpt)}.')
+    ckpt = ckpt[subset]
+  if not isinstance(ckpt, dict):
+    raise ValueError(f'{path}: expected a state dict, got {type(ckpt).__name__}.')
+  return {k: v.detach().float().numpy() for k, v in ckpt.items()}
+
+
+def save_params(path: str, model: nnx.Module) -> None:
+  """Writes the model's parameters to safetensors, keyed by NNX path ('blocks.0.mlp.fc1.kernel')."""
+  _save_state(path, nnx.state(model, nnx.Param))
+
+
+def _save_state(path: str, state: nnx.State) -> int:
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  flat = nnx.to_flat_state(state)
+  save_file({'.'.join(map(str, p)): np.ascontiguousarray(v.get_value()) for p, v in flat}, path)
+  return len(flat)
+
+
+def load_params(model: nnx.Module, path: str) -> None:
+  """Reads a `save_params` file into `model` (exact key and shape match required)."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  stored = load_file(path)
+  current = nnx.state(model, nnx.Param)
+  flat = dict(nnx.to_flat_state(current))
+  names = {'.'.join(map(str, p)): p for p in flat}
+  extra, missing = sorted(set(stored) - set(names)), sorted(set(names) - set(stored))
+  bad = [f'{k}: file {stored[k].shape}, model {flat[names[k]].get_value().shape}'
+         for k in set(stored) & set(names) if stored[k].shape != flat[names[k]].get_value().shape]
+  if extra or missing or bad:
+    raise ValueError(f'{path} does not match the model: unknown keys {extra}, missing keys '
+                     f'{missing}, shape mismatches {sorted(bad)}.')
+  for name, p in names.items():
+    flat[p] = flat[p].replace(stored[name].astype(flat[p].get_value().dtype))
+  nnx.update(model, _placed_like(current, nnx.from_flat_state(flat)))
+
+
+def main(argv: list[str] | None = None) -> None:
+  from mmgen_jax.models import build  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--checkpoint', required=True, help='.pt/.pth/.safetensors state dict')
+  parser.add_argument('--out', required=True, help='output .safetensors (keys = NNX paths)')
+  parser.add_argument('--subset', default='ema', choices=('ema', 'model'))
+  # Defaults: the released SiT-XL/2 (build.mmgen_sit_kwargs).
+  for flag, default in (('input_size', 32), ('patch_size', 2), ('hidden_size', 1152),
+                        ('depth', 28), ('num_heads', 16), ('num_classes', 1000),
+                        ('repa_encoder_depth', 8), ('repa_z_dim', 768),
+                        ('repa_projector_dim', 2048)):
+    parser.add_argument(f'--{flag}', type=int, default=default)
+  args = parser.parse_args(argv)
+  kwargs = build.mmgen_sit_kwargs(
+      input_size=args.input_size, patch_size=args.patch_size, hidden_size=args.hidden_size,
+      depth=args.depth, num_heads=args.num_heads, num_classes=args.num_classes,
+      repa_encoder_depth=args.repa_encoder_depth, repa_z_dims=(args.repa_z_dim,),
+      repa_projector_dim=args.repa_projector_dim)
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: dit.MMDiT(**kwargs, rngs=nnx.Rngs(0)))
+  state = convert_mmgen_state_dict(load_torch_state_dict(args.checkpoint, subset=args.subset),
+                                   model)
+  count = _save_state(args.out, state)
+  print(f'wrote {count} tensors ({dit.count_params(model):,} parameters) to {args.out}')
+
+
+if __name__ == '__main__':
+  main()

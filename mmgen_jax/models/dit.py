@@ -1,0 +1,325 @@
+"""The multi-modal diffusion transformer (adaLN-Zero DiT/SiT) in Flax NNX.
+
+One shared trunk serves both objectives:
+
+* MMGen (decoupled timesteps): the image modalities are concatenated on
+  channels before one patch embedding, each modality has its own time (a
+  "time slot") and its own output head (FinalLayer); a task embedding says
+  which modality, if any, is the clean condition.
+* MT-ELBO (multi-task ELBO): one input space and one time, several image
+  heads and classifier heads (pooled tokens -> adaLN norm -> logits).
+
+Blocks are named after the DiT paper (`modulate`, `TimestepEmbedder`,
+`LabelEmbedder`, `DiTBlock`, `FinalLayer`). Inputs are NHWC; t ∈ [0, 1] is not
+rescaled. Label dropout for classifier-free guidance is done by the objective
+(it replaces y by the null id `num_classes`), so the forward pass is
+deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from flax import nnx
+from flax import struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmgen_jax.models import layers
+from mmgen_jax.models.layers import Numerics, dense, layer_norm, modulate
+
+FREQUENCY_DIM = 256  # sinusoid features per time, as in DiT
+
+
+@struct.dataclass
+class ModelOutput:
+  """What `MMDiT.__call__` returns.
+
+  images: one (N, H, W, C_m) float32 array per image head, in head order.
+  logits: one (N, K_c) float32 array per class head.
+  zs: one (N, T, z) float32 REPA projection per z_dim (empty without REPA).
+  intermediates: name -> array when asked for (`return_intermediates=True`).
+  """
+  images: tuple[jax.Array, ...]
+  logits: tuple[jax.Array, ...] = ()
+  zs: tuple[jax.Array, ...] = ()
+  intermediates: dict[str, jax.Array] | None = None
+
+
+class TimestepEmbedder(nnx.Module):
+  """Times -> one vector: a shared sinusoid+MLP per time, then a fusing MLP.
+
+  With several time slots (one per modality) the shared MLP maps 256 -> D -> D/2,
+  the per-slot embeddings are concatenated (S·D/2) and `fuse` maps them to D
+  (MMGen's `mlp` and `mlp_fused`). With one slot it is DiT's 256 -> D -> D MLP and
+  `fuse` is the identity. A time given per channel is embedded per channel and
+  the embeddings are averaged over each slot's channels.
+  """
+
+  def __init__(self, hidden_size: int, time_slots: Sequence[int], *, numerics: Numerics,
+               rngs: nnx.Rngs):
+    self.time_slots = tuple(int(s) for s in time_slots)
+    num_slots = len(self.time_slots)
+    slot_dim = hidden_size if num_slots == 1 else hidden_size // 2
+    normal = nnx.initializers.normal(0.02)  # DiT initialises the timestep MLP N(0, 0.02)
+    self.fc1 = dense(FREQUENCY_DIM, hidden_size, ('freq', 'mlp'), kernel_init=normal,
+                     numerics=numerics, rngs=rngs)
+    self.fc2 = dense(hidden_size, slot_dim, ('mlp', 'embed'), kernel_init=normal,
+                     numerics=numerics, rngs=rngs)
+    if num_slots > 1:
+      self.fuse_fc1 = dense(num_slots * slot_dim, hidden_size, ('embed', 'mlp'),
+                            numerics=numerics, rngs=rngs)
+      self.fuse_fc2 = dense(hidden_size, hidden_size, ('mlp', 'embed'),
+                            numerics=numerics, rngs=rngs)
+
+  def per_time(self, t: jax.Array) -> jax.Array:
+    """Sinusoid + shared MLP for each time: (N, K) -> (N, K, D_slot)."""
+    return self.fc2(nnx.silu(self.fc1(layers.timestep_embedding(t, FREQUENCY_DIM))))
+
+  def slot_embeddings(self, t: jax.Array) -> jax.Array:
+    """(N,), (N, slots) or (N, channels) times -> concatenated slot embeddings (N, S·D_slot)."""
+    t = _times_per_column(t, self.time_slots)
+    emb = self.per_time(t)
+    if t.shape[1] != len(self.time_slots):  # one time per channel: average each slot
+      emb = layers.segment_mean(emb, self.time_slots, axis=1)
+    return emb.reshape(emb.shape[0], -1)
+
+  def fuse(self, slot_emb: jax.Array) -> jax.Array:
+    if len(self.time_slots) == 1:
+      return slot_emb
+    return self.fuse_fc2(nnx.silu(self.fuse_fc1(slot_emb)))
+
+  def __call__(self, t: jax.Array) -> jax.Array:
+    return self.fuse(self.slot_embeddings(t))
+
+
+def _times_per_column(t: jax.Array, time_slots: tuple[int, ...]) -> jax.Array:
+  """Checks the time layout and returns t as (N, slots) or (N, channels)."""
+  slots, channels = len(time_slots), sum(time_slots)
+  if t.ndim == 1:  # one time for the whole sample
+    return jnp.repeat(t[:, None], slots, axis=1)
+  if t.ndim == 2 and t.shape[1] in (slots, channels):
+    return t
+  raise ValueError(f't has shape {t.shape}; expected (N,), (N, {slots}) one time per slot, '
+                   f'or (N, {channels}) one time per channel (time_slots={time_slots}).')
+
+
+class LabelEmbedder(nnx.Module):
+  """An embedding table (class labels, or MMGen task indices), init N(0, 0.02).
+
+  For class labels with classifier-free guidance the table has one extra row,
+  the null class `num_classes`; dropping labels is the objective's job.
+  """
+
+  def __init__(self, num_embeddings: int, hidden_size: int, *, numerics: Numerics,
+               rngs: nnx.Rngs):
+    self.num_embeddings = num_embeddings
+    self.embedding_table = nnx.Embed(
+        num_embeddings, hidden_size,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ('vocab', 'embed')),
+        dtype=numerics.dtype, param_dtype=numerics.param_dtype, rngs=rngs)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return self.embedding_table(ids)
+
+
+class DiTBlock(nnx.Module):
+  """Transformer block with adaptive LayerNorm-Zero conditioning on c."""
+
+  def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *,
+               qk_norm: bool = False, numerics: Numerics, rngs: nnx.Rngs):
+    self.attn = layers.Attention(hidden_size, num_heads, qk_norm=qk_norm, numerics=numerics,
+                                 rngs=rngs)
+    self.mlp = layers.Mlp(hidden_size, int(hidden_size * mlp_ratio), numerics=numerics, rngs=rngs)
+    # Zero-init: every block starts as the identity.
+    self.adaln_modulation = dense(hidden_size, 6 * hidden_size, ('embed', 'mlp'), zero_init=True,
+                                  numerics=numerics, rngs=rngs)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    mod = self.adaln_modulation(nnx.silu(c))[:, None, :]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+    x = x + gate_msa * self.attn(modulate(layer_norm(x), shift_msa, scale_msa))
+    x = x + gate_mlp * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+    return x
+
+
+class FinalLayer(nnx.Module):
+  """adaLN norm + linear to p·p·C patch values, zero-initialised (outputs 0 at init)."""
+
+  def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *,
+               numerics: Numerics, rngs: nnx.Rngs):
+    self.adaln_modulation = dense(hidden_size, 2 * hidden_size, ('embed', 'mlp'),
+                                  zero_init=True, numerics=numerics, rngs=rngs)
+    self.linear = dense(hidden_size, patch_size * patch_size * out_channels, ('embed', None),
+                        zero_init=True, numerics=numerics, rngs=rngs)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    mod = self.adaln_modulation(nnx.silu(c))
+    if x.ndim == 3:
+      mod = mod[:, None, :]
+    shift, scale = jnp.split(mod, 2, axis=-1)
+    return self.linear(modulate(layer_norm(x), shift, scale)).astype(jnp.float32)
+
+
+class ClassHead(nnx.Module):
+  """Classifier head (MT-ELBO): mean-pooled tokens -> adaLN norm -> logits, zero-init."""
+
+  def __init__(self, hidden_size: int, num_classes: int, *, numerics: Numerics,
+               rngs: nnx.Rngs):
+    self.adaln_modulation = dense(hidden_size, 2 * hidden_size, ('embed', 'mlp'),
+                                  zero_init=True, numerics=numerics, rngs=rngs)
+    self.linear = dense(hidden_size, num_classes, ('embed', 'vocab'), zero_init=True,
+                        numerics=numerics, rngs=rngs)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    shift, scale = jnp.split(self.adaln_modulation(nnx.silu(c)), 2, axis=-1)
+    pooled = x.astype(jnp.float32).mean(axis=1)
+    return self.linear(modulate(layer_norm(pooled), shift, scale)).astype(jnp.float32)
+
+
+class MMDiT(nnx.Module):
+  """Multi-modal DiT: concatenated inputs, shared trunk, one head per output."""
+
+  def __init__(self, *, input_size: int, patch_size: int, in_channels: int,
+               image_heads: Sequence[int], time_slots: Sequence[int],
+               class_heads: Sequence[int] = (), hidden_size: int, depth: int, num_heads: int,
+               mlp_ratio: float = 4.0, qk_norm: bool = False, num_classes: int,
+               class_dropout_prob: float, num_tasks: int = 0, repa_encoder_depth: int = 0,
+               repa_z_dims: Sequence[int] = (), repa_projector_dim: int = 2048,
+               remat: bool = False, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
+    """Builds the model.
+
+    Args:
+      input_size: height = width of the (latent) input.
+      patch_size: p; input_size must be a multiple of it.
+      in_channels: channels of the concatenated input.
+      image_heads: output channels per image head (FinalLayer), in order.
+      time_slots: channels per time slot; they must add up to in_channels. MMGen:
+        one slot per modality, e.g. (4, 4, 4, 4); one time for all: (in_channels,).
+      class_heads: number of classes per classifier head (MT-ELBO).
+      num_classes: class labels; with class_dropout_prob > 0 the table gets one
+        more row, the null class `num_classes` used for guidance.
+      num_tasks: task table rows - 1 (0 = joint, m+1 = modality m is the
+        condition); 0 disables the task embedding.
+      repa_encoder_depth: REPA projectors read the output of this block
+        (1-based); 0 disables them. repa_z_dims: one projector per z_dim.
+      remat: recompute each block in the backward pass (saves activation memory).
+      dtype / param_dtype / precision: compute dtype, storage dtype, matmul precision.
+    """
+    self.input_size, self.patch_size = input_size, patch_size
+    self.in_channels = in_channels
+    self.image_heads, self.class_heads_dims = tuple(image_heads), tuple(class_heads)
+    self.hidden_size, self.depth = hidden_size, depth
+    self.num_classes, self.num_tasks = num_classes, num_tasks
+    self.repa_encoder_depth = repa_encoder_depth
+    self.remat = remat
+    _check_args(input_size, patch_size, in_channels, image_heads, time_slots, hidden_size,
+                depth, num_tasks, repa_encoder_depth, repa_z_dims)
+    numerics = Numerics(dtype=dtype, param_dtype=param_dtype, precision=precision)
+    kw = dict(numerics=numerics, rngs=rngs)
+
+    self.x_embedder = layers.PatchEmbed(patch_size, in_channels, hidden_size, **kw)
+    self.t_embedder = TimestepEmbedder(hidden_size, time_slots, **kw)
+    self.y_embedder = LabelEmbedder(num_classes + int(class_dropout_prob > 0), hidden_size, **kw)
+    self.task_embedder = LabelEmbedder(num_tasks + 1, hidden_size, **kw) if num_tasks else None
+    self.blocks = nnx.List([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, **kw)
+                            for _ in range(depth)])
+    self.projectors = nnx.List([
+        layers.MlpProjector(hidden_size, repa_projector_dim, z, **kw) for z in repa_z_dims])
+    self.final_layers = nnx.List([
+        FinalLayer(hidden_size, patch_size, ch, **kw) for ch in self.image_heads])
+    self.class_heads = nnx.List([ClassHead(hidden_size, k, **kw) for k in self.class_heads_dims])
+
+  @property
+  def grid_size(self) -> int:
+    return self.input_size // self.patch_size
+
+  def pos_embed(self) -> np.ndarray:
+    """The fixed (T, D) sin-cos table (not a parameter)."""
+    return layers.sincos_pos_embed_2d(self.hidden_size, self.grid_size, self.grid_size)
+
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, task: jax.Array | None = None,
+               *, return_intermediates: bool = False) -> ModelOutput:
+    """x (N, H, W, in_channels); t (N,), (N, slots) or (N, in_channels) in [0, 1];
+    y (N,) int class ids (num_classes = null); task (N,) int or None (= 0)."""
+    n, h, w, ch = x.shape
+    if (h, w, ch) != (self.input_size, self.input_size, self.in_channels):
+      raise ValueError(f'x has shape {x.shape}; expected (N, {self.input_size}, '
+                       f'{self.input_size}, {self.in_channels}) (NHWC).')
+    if task is not None and self.task_embedder is None:
+      raise ValueError('task was given but the model has no task embedding (num_tasks=0).')
+    record = {} if return_intermediates else None
+    def keep(name, value):
+      if record is not None:
+        record[name] = value
+
+    x_patch = self.x_embedder(x)
+    tokens = x_patch.astype(jnp.float32) + self.pos_embed()  # residual stream in float32
+    keep('x_patch', x_patch)
+    keep('x_tokens', tokens)
+
+    if record is not None:
+      keep('t_freq', layers.timestep_embedding(
+          _times_per_column(t, self.t_embedder.time_slots), FREQUENCY_DIM))
+    t_slots = self.t_embedder.slot_embeddings(t)
+    t_emb = self.t_embedder.fuse(t_slots)
+    y_emb = self.y_embedder(y)
+    c = t_emb + y_emb
+    keep('t_emb_concat', t_slots)
+    keep('t_emb', t_emb)
+    keep('y_emb', y_emb)
+    if self.task_embedder is not None:
+      task_emb = self.task_embedder(jnp.zeros((n,), jnp.int32) if task is None else task)
+      c = c + task_emb
+      keep('task_emb', task_emb)
+    keep('c', c)
+
+    zs = ()
+    for i, block in enumerate(self.blocks):
+      tokens = _remat_block(block, tokens, c) if self.remat else block(tokens, c)
+      keep(f'blocks.{i}', tokens)
+      if i + 1 == self.repa_encoder_depth:
+        zs = tuple(p(tokens).astype(jnp.float32) for p in self.projectors)
+        for j, z in enumerate(zs):
+          keep(f'zs.{j}', z)
+
+    images = []
+    for m, head in enumerate(self.final_layers):
+      out = head(tokens, c)
+      keep(f'final_layer.{m}', out)
+      images.append(layers.unpatchify(out, self.patch_size, self.grid_size, self.grid_size))
+    logits = tuple(head(tokens, c) for head in self.class_heads)
+    return ModelOutput(images=tuple(images), logits=logits, zs=zs, intermediates=record)
+
+
+@nnx.remat
+def _remat_block(block: DiTBlock, x: jax.Array, c: jax.Array) -> jax.Array:
+  return block(x, c)
+
+
+def _check_args(input_size, patch_size, in_channels, image_heads, time_slots, hidden_size,
+                depth, num_tasks, repa_encoder_depth, repa_z_dims) -> None:
+  if input_size % patch_size:
+    raise ValueError(f'input_size={input_size} is not a multiple of patch_size={patch_size}.')
+  if sum(time_slots) != in_channels or min(time_slots, default=0) < 1:
+    raise ValueError(f'time_slots={tuple(time_slots)} must be positive channel counts adding '
+                     f'up to in_channels={in_channels}.')
+  if not image_heads:
+    raise ValueError('image_heads is empty: the model needs at least one image head.')
+  if len(time_slots) > 1 and hidden_size % 2:
+    raise ValueError(f'hidden_size={hidden_size} must be even with several time slots.')
+  if num_tasks < 0:
+    raise ValueError(f'num_tasks={num_tasks} must be >= 0.')
+  if bool(repa_encoder_depth) != bool(len(repa_z_dims)):
+    raise ValueError(f'repa_encoder_depth={repa_encoder_depth} and repa_z_dims='
+                     f'{tuple(repa_z_dims)}: set both (REPA on) or neither (off).')
+  if repa_encoder_depth and not 1 <= repa_encoder_depth <= depth:
+    raise ValueError(f'repa_encoder_depth={repa_encoder_depth} must be in [1, depth={depth}].')
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of trainable values (nnx.Param leaves); works on abstract models too."""
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  return sum(int(np.prod(leaf.shape)) for leaf in leaves)

@@ -1,0 +1,217 @@
+"""Building blocks of the diffusion transformer: pure functions and small layers.
+
+Every parameter carries logical axis names (`out_sharding` metadata, set with
+`nnx.with_partitioning`); `config.sharding_rules` maps them to mesh axes. The
+names used here: 'embed' (model width), 'mlp' (hidden widths), 'heads', 'kv'
+(head dim), 'vocab' (table rows / class logits), 'patch_in' (p·p·C patch
+values), 'freq' (sinusoid features); None means replicated.
+
+Numerics: parameters are stored in `param_dtype` and cast to the compute
+`dtype` at every matmul; LayerNorm statistics, softmax and the residual stream
+stay in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Initializer = Callable[..., jax.Array]
+xavier_uniform = nnx.initializers.xavier_uniform
+zeros = nnx.initializers.zeros_init()
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+  """Compute dtype, parameter dtype and matmul precision, shared by every layer."""
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  precision: jax.lax.PrecisionLike = None
+
+
+# ---- pure functions -----------------------------------------------------------
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN: x·(1 + scale) + shift, with shift/scale broadcast over tokens."""
+  return x * (1 + scale) + shift
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm without affine parameters; statistics in float32, result float32."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal features [cos(t·f_k), sin(t·f_k)], f_k = max_period^(-k/(dim/2)).
+
+  t is in [0, 1] (any shape); the result has shape t.shape + (dim,), float32.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[..., None] * freqs
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[..., :1])], axis=-1)
+  return emb
+
+
+def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+  out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """Fixed 2-D sin-cos table (grid_h·grid_w, dim), float32, as in MAE/DiT/SiT.
+
+  Token index is row·grid_w + col. The first dim/2 features encode the column,
+  the last dim/2 the row; each half is [sin | cos] with ω_k = 10000^(−k/(dim/4)).
+  Computed in float64 like the reference, then rounded once.
+  """
+  if dim % 4:
+    raise ValueError(f'2-D sin-cos position embedding needs hidden_size % 4 == 0, got {dim}.')
+  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing='ij')
+  emb = np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], axis=1)
+  return emb.astype(np.float32)
+
+
+def patchify(x: jax.Array, p: int) -> jax.Array:
+  """(N, H, W, C) -> (N, H/p·W/p, p·p·C); tokens row-major, features (p_row, p_col, C)."""
+  n, h, w, c = x.shape
+  x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: jax.Array, p: int, grid_h: int, grid_w: int) -> jax.Array:
+  """(N, T, p·p·C) -> (N, grid_h·p, grid_w·p, C); inverse of `patchify`."""
+  n, _, d = x.shape
+  c = d // (p * p)
+  x = x.reshape(n, grid_h, grid_w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, grid_h * p, grid_w * p, c)
+
+
+# ---- layers -------------------------------------------------------------------
+
+
+def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+          numerics: Numerics, rngs: nnx.Rngs, kernel_init: Initializer | None = None,
+          zero_init: bool = False) -> nnx.Linear:
+  """A Linear layer with logical axis names on kernel (in, out) and bias (out,).
+
+  Default init is xavier-uniform kernel and zero bias (DiT's `_basic_init`);
+  `zero_init` zeroes both (adaLN-Zero and output layers).
+  """
+  if zero_init:
+    kernel_init = zeros
+  return nnx.Linear(
+      in_features, out_features, use_bias=True,
+      kernel_init=nnx.with_partitioning(kernel_init or xavier_uniform(), axes),
+      bias_init=nnx.with_partitioning(zeros, (axes[1],)),
+      dtype=numerics.dtype, param_dtype=numerics.param_dtype,
+      precision=numerics.precision, rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with qkv bias and optional q/k LayerNorm.
+
+  The qkv kernel is (embed, 3, heads, head_dim) and the output kernel
+  (heads, head_dim, embed), so tensor parallelism shards whole heads.
+  """
+
+  def __init__(self, hidden_size: int, num_heads: int, *, qk_norm: bool = False,
+               numerics: Numerics, rngs: nnx.Rngs):
+    if hidden_size % num_heads:
+      raise ValueError(f'hidden_size={hidden_size} is not divisible by num_heads={num_heads}.')
+    self.num_heads = num_heads
+    self.head_dim = hd = hidden_size // num_heads
+    self.numerics = numerics
+    pd = numerics.param_dtype
+    qkv_init = xavier_uniform(in_axis=0, out_axis=(1, 2, 3))
+    self.qkv_kernel = nnx.Param(qkv_init(rngs.params(), (hidden_size, 3, num_heads, hd), pd),
+                                out_sharding=('embed', None, 'heads', 'kv'))
+    self.qkv_bias = nnx.Param(jnp.zeros((3, num_heads, hd), pd),
+                              out_sharding=(None, 'heads', 'kv'))
+    proj_init = xavier_uniform(in_axis=(0, 1), out_axis=2)
+    self.proj_kernel = nnx.Param(proj_init(rngs.params(), (num_heads, hd, hidden_size), pd),
+                                 out_sharding=('heads', 'kv', 'embed'))
+    self.proj_bias = nnx.Param(jnp.zeros((hidden_size,), pd), out_sharding=('embed',))
+    self.qk_norm = qk_norm
+    if qk_norm:  # timm's q_norm/k_norm: LayerNorm(head_dim) with affine, eps 1e-5
+      self.q_norm = nnx.LayerNorm(hd, epsilon=1e-5, dtype=jnp.float32, param_dtype=pd,
+                                  scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ('kv',)),
+                                  bias_init=nnx.with_partitioning(zeros, ('kv',)), rngs=rngs)
+      self.k_norm = nnx.LayerNorm(hd, epsilon=1e-5, dtype=jnp.float32, param_dtype=pd,
+                                  scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ('kv',)),
+                                  bias_init=nnx.with_partitioning(zeros, ('kv',)), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt, prec = self.numerics.dtype, self.numerics.precision
+    x = x.astype(dt)
+    qkv = jnp.einsum('btd,dshk->sbthk', x, self.qkv_kernel[...].astype(dt), precision=prec)
+    q, k, v = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+    if self.qk_norm:
+      q, k = self.q_norm(q).astype(dt), self.k_norm(k).astype(dt)
+    logits = jnp.einsum('bqhk,bthk->bhqt', q, k, precision=prec,
+                        preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits * self.head_dim ** -0.5, axis=-1).astype(dt)
+    out = jnp.einsum('bhqt,bthk->bqhk', probs, v, precision=prec)
+    out = jnp.einsum('bqhk,hkd->bqd', out, self.proj_kernel[...].astype(dt), precision=prec)
+    return out + self.proj_bias[...].astype(dt)
+
+
+class Mlp(nnx.Module):
+  """Transformer MLP: Linear -> GELU (tanh approximation) -> Linear."""
+
+  def __init__(self, hidden_size: int, mlp_dim: int, *, numerics: Numerics, rngs: nnx.Rngs):
+    self.fc1 = dense(hidden_size, mlp_dim, ('embed', 'mlp'), numerics=numerics, rngs=rngs)
+    self.fc2 = dense(mlp_dim, hidden_size, ('mlp', 'embed'), numerics=numerics, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class PatchEmbed(nnx.Module):
+  """Non-overlapping p×p patches -> tokens (N, T, D).
+
+  Equivalent to a Conv with kernel = stride = p; stored as a (p·p·C, D) matrix
+  over `patchify` features, initialised like a Linear layer (as in DiT).
+  """
+
+  def __init__(self, patch_size: int, in_channels: int, hidden_size: int, *,
+               numerics: Numerics, rngs: nnx.Rngs):
+    self.patch_size = patch_size
+    self.proj = dense(patch_size * patch_size * in_channels, hidden_size, ('patch_in', 'embed'),
+                      numerics=numerics, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.proj(patchify(x, self.patch_size))
+
+
+class MlpProjector(nnx.Module):
+  """REPA projector: Linear -> SiLU -> Linear -> SiLU -> Linear, applied per token."""
+
+  def __init__(self, hidden_size: int, projector_dim: int, z_dim: int, *,
+               numerics: Numerics, rngs: nnx.Rngs):
+    self.fc1 = dense(hidden_size, projector_dim, ('embed', 'mlp'), numerics=numerics, rngs=rngs)
+    self.fc2 = dense(projector_dim, projector_dim, ('mlp', 'embed'), numerics=numerics, rngs=rngs)
+    self.fc3 = dense(projector_dim, z_dim, ('embed', None), numerics=numerics, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc3(nnx.silu(self.fc2(nnx.silu(self.fc1(x)))))
+
+
+def segment_mean(x: jax.Array, sizes: Sequence[int], axis: int) -> jax.Array:
+  """Means over consecutive segments of `axis` with the given sizes (kept as that axis)."""
+  bounds = np.cumsum(sizes)[:-1].tolist()
+  parts = jnp.split(x, bounds, axis=axis)
+  return jnp.concatenate([p.mean(axis, keepdims=True) for p in parts], axis=axis)

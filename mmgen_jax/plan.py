@@ -1,0 +1,299 @@
+"""Sizes a run before paying for it: parameters, FLOPs per step, memory per device.
+
+Nothing is allocated. The model and optimizer exist as shapes only
+(`nnx.eval_shape`, `jax.eval_shape`) and are placed on an `AbstractMesh` of the
+target size, so a v5p-32 or 8×H100 plan needs neither. Three levels of
+evidence, each labelled in the report:
+
+* analytic: the state's bytes per device from the real sharding rules (exact
+  for the state), activations from a per-block formula (an estimate), FLOPs
+  from the DiT's matmuls;
+* lowered: XLA's cost analysis of the real train step (`jit(...).lower`),
+  exact FLOPs for the whole global step, no devices needed;
+* compiled: the step compiled for the configured mesh on this process's
+  devices (real, or fake CPU devices of the target count, see main.py's
+  `--plan_devices`), whose `memory_analysis()` gives XLA's own per-device
+  arguments / temporaries on that backend.
+
+The batch is in model space (latents for the sd_vae codec, as from a latent
+cache), so the codec's own cost is not part of the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mmgen_jax import config_validation
+from mmgen_jax import modalities as modalities_lib
+from mmgen_jax import parallel
+from mmgen_jax import train_state
+from mmgen_jax.models import build
+
+GiB = 2 ** 30
+_ITEMSIZE = {'float32': 4, 'bfloat16': 2, 'float16': 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  description: str
+  num_devices: int
+  mesh: dict[str, int]
+  global_batch: int
+  per_device_batch: float          # samples per device per micro-batch
+  tokens_per_sample: int
+  num_params: int
+  flops_per_step: float            # forward + backward + update, whole global batch
+  flops_source: str                # 'lowered' | 'analytic'
+  analytic_flops_per_step: float
+  memory: dict[str, int]           # per device, analytic: state exact, activations estimated
+  compiled_memory: dict[str, int] | None = None  # per device, XLA memory_analysis
+  compiled_backend: str = ''
+  device_memory_bytes: int | None = None
+
+  @property
+  def peak_bytes(self) -> int:
+    """The compiled peak if there is one, else the analytic total."""
+    if self.compiled_memory:
+      return self.compiled_memory['peak']
+    return self.memory['total']
+
+  @property
+  def fits(self) -> bool | None:
+    if not self.device_memory_bytes:
+      return None
+    return self.peak_bytes <= self.device_memory_bytes
+
+  def to_dict(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), 'peak_bytes': self.peak_bytes, 'fits': self.fits}
+
+
+# ---- abstract pieces -----------------------------------------------------------------
+
+
+def loss_fn_for(config: ml_collections.ConfigDict) -> Callable:
+  """The objective's (model, batch, rng) -> (loss, metrics)."""
+  if config.objective.name == 'mt_elbo':
+    from mmgen_jax.diffusion import mt_elbo
+    return mt_elbo.make_loss_fn(config)
+  from mmgen_jax.diffusion import decoupled
+  return decoupled.make_loss_fn(config)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_size: int
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """One batch in model space: images (B, s, s, C) float32, classes and 'label' (B,) int32."""
+  s = build.model_kwargs(config)['input_size']
+  latent = config.codec.name != 'identity'
+  out = {'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+  for m in modalities_lib.from_config(config.modalities):
+    if m.is_image:
+      ch = int(config.codec.latent_channels) if latent else m.channels
+      out[m.name] = jax.ShapeDtypeStruct((batch_size, s, s, ch), jnp.float32)
+    else:
+      out[m.name] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+  return out
+
+
+def _abstract_state(config, mesh) -> tuple[nnx.GraphDef, Any, Any, Callable]:
+  """(graphdef, abstract TrainState with shardings, shardings, train_step)."""
+  abstract = parallel.abstract_model(lambda rngs: build.build_model(config, rngs=rngs),
+                                     config.seed)
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  schedule = train_state.make_schedule(config.optim, config.train.num_steps)
+  tx = train_state.make_optimizer(config.optim, schedule)
+  shardings = train_state.state_shardings(abstract, tx, mesh, config.sharding_rules)
+  key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  like = train_state.TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), params=params, ema_params=params,
+      opt_state=jax.eval_shape(tx.init, params), rng=key, model_state=rest)
+  state = train_state.abstract_train_state(shardings, like)
+  step = train_state.make_train_step(graphdef, loss_fn_for(config), tx, schedule,
+                                     ema_decay=float(config.optim.ema_decay),
+                                     grad_accum_steps=int(config.optim.grad_accum_steps))
+  return graphdef, state, shardings, step
+
+
+def _bytes_per_device(tree: Any) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+# ---- analytic estimates ----------------------------------------------------------------
+
+
+def analytic_forward_flops(config: ml_collections.ConfigDict) -> float:
+  """Matmul FLOPs of one forward pass of one sample (2 per multiply-add).
+
+  Counts the patch embedding, every block (qkv, attention scores and mix,
+  projection, MLP, adaLN modulation), the REPA projector and the output
+  layers; leaves out the small time/label embedders and MT-Diffusion encoders.
+  """
+  kw = build.model_kwargs(config)
+  p, d, depth, r = kw['patch_size'], kw['hidden_size'], kw['depth'], kw['mlp_ratio']
+  t = (kw['input_size'] // p) ** 2
+  flops = 2 * t * p * p * kw['in_channels'] * d
+  per_block = 2 * t * (4 * d * d + 2 * r * d * d) + 4 * t * t * d + 2 * d * 6 * d
+  flops += depth * per_block
+  for z in kw['repa_z_dims']:
+    q = kw['repa_projector_dim']
+    flops += 2 * t * (d * q + q * q + q * z)
+  for ch in kw['image_heads']:
+    flops += 2 * t * d * p * p * ch + 2 * d * 2 * d
+  for k in kw['class_heads']:
+    flops += 2 * d * k + 2 * d * 2 * d
+  return float(flops)
+
+
+def analytic_activation_bytes(config: ml_collections.ConfigDict, per_device_batch: float,
+                              tensor: int = 1) -> int:
+  """Activations kept for the backward pass, per device (an estimate).
+
+  Per block and token: the float32 residual stream and its normalised copies
+  (8 bytes·D), plus, in the compute dtype, modulated inputs, q/k/v, attention
+  output, projection and the two MLP activations ((7 + 2·mlp_ratio)·D), plus
+  the attention logits and probabilities (2·heads·T). With model.remat only
+  each block's input is kept, plus one block's worth during its recompute.
+  Tensor parallelism divides the per-head and MLP parts.
+  """
+  kw = build.model_kwargs(config)
+  d, depth, r, heads = kw['hidden_size'], kw['depth'], kw['mlp_ratio'], config.model.num_heads
+  t = (kw['input_size'] // kw['patch_size']) ** 2
+  e = _ITEMSIZE[config.model.dtype]
+  residual = 8 * t * d
+  split = (e * (7 + 2 * r) * t * d + 2 * heads * t * t * e) / tensor
+  block = residual + split
+  if config.model.remat:
+    total = depth * 4 * t * d + block
+  else:
+    total = depth * block
+  return int(total * per_device_batch)
+
+
+# ---- the plan ---------------------------------------------------------------------------
+
+
+def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+              device_memory_gb: float | None = None, lower: bool = True,
+              compile: bool = False) -> Plan:  # pylint: disable=redefined-builtin
+  """The plan of `config` on `num_devices` devices (default: this job's).
+
+  lower: trace the real train step and take XLA's FLOP count (seconds for
+    large models); else the analytic count is used.
+  compile: also compile the step for the mesh on this process's devices (they
+    must number `num_devices`) and read XLA's per-device memory analysis.
+  """
+  num_devices = jax.device_count() if num_devices is None else int(num_devices)
+  config_validation.validate(config, num_devices=num_devices, num_processes=1)
+  shape = parallel.mesh_shape(config.mesh, num_devices)
+  mesh_sizes = dict(zip(parallel.MESH_AXES, shape))
+  abstract_mesh = jax.sharding.AbstractMesh(shape, parallel.MESH_AXES)
+  _, state, _, step = _abstract_state(config, abstract_mesh)
+
+  batch = int(config.data.global_batch_size)
+  accum = int(config.optim.grad_accum_steps)
+  per_device_batch = batch / accum / (mesh_sizes['data'] * mesh_sizes['fsdp'])
+  params = _bytes_per_device(state.params)
+  memory = dict(
+      params=params,
+      ema=_bytes_per_device(state.ema_params),
+      optimizer=_bytes_per_device(state.opt_state),
+      gradients=params,
+      activations=analytic_activation_bytes(config, per_device_batch, mesh_sizes['tensor']))
+  memory['total'] = sum(memory.values())
+
+  kw = build.model_kwargs(config)
+  analytic = 3.0 * batch * analytic_forward_flops(config)  # backward ≈ 2 × forward
+  flops, source = analytic, 'analytic'
+  abatch = abstract_batch(config, batch)
+  if lower:
+    cost = jax.jit(step).lower(state, abatch).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and cost.get('flops'):
+      flops, source = float(cost['flops']), 'lowered'
+
+  compiled, backend = None, ''
+  if compile:
+    compiled, backend = _compiled_memory(config, abatch)
+  return Plan(
+      description=config_validation.describe(config), num_devices=num_devices,
+      mesh=mesh_sizes, global_batch=batch, per_device_batch=per_device_batch,
+      tokens_per_sample=(kw['input_size'] // kw['patch_size']) ** 2,
+      num_params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))),
+      flops_per_step=flops, flops_source=source, analytic_flops_per_step=analytic,
+      memory=memory, compiled_memory=compiled, compiled_backend=backend,
+      device_memory_bytes=int(device_memory_gb * GiB) if device_memory_gb else None)
+
+
+def _compiled_memory(config, abatch) -> tuple[dict[str, int], str]:
+  """XLA's per-device memory of the step compiled for the configured mesh here."""
+  mesh = parallel.make_mesh(config.mesh)
+  _, state, shardings, step = _abstract_state(config, mesh)
+  batch_sharding = parallel.batch_sharding(mesh, config.sharding_rules)
+  abatch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+            for k, v in abatch.items()}
+  with jax.set_mesh(mesh):
+    jitted = train_state.jit_train_step(step, shardings, batch_sharding, mesh)
+    analysis = jitted.lower(state, abatch).compile().memory_analysis()
+  out = dict(arguments=int(analysis.argument_size_in_bytes),
+             outputs=int(analysis.output_size_in_bytes),
+             aliased=int(analysis.alias_size_in_bytes),
+             temporaries=int(analysis.temp_size_in_bytes),
+             code=int(analysis.generated_code_size_in_bytes))
+  # Donated state buffers are reused for the outputs (aliased), so they count once.
+  out['peak'] = out['arguments'] + out['outputs'] - out['aliased'] + out['temporaries']
+  return out, f'{len(mesh.devices.flat)} {mesh.devices.flat[0].platform} devices'
+
+
+# ---- report ------------------------------------------------------------------------------
+
+
+def _size(n: float) -> str:
+  for unit, scale in (('GiB', GiB), ('MiB', 2 ** 20), ('KiB', 2 ** 10)):
+    if n >= scale:
+      return f'{n / scale:.2f} {unit}'
+  return f'{int(n)} B'
+
+
+def format_plan(p: Plan) -> str:
+  m = p.mesh
+  lines = [
+      f'plan: {p.description}',
+      f'devices: {p.num_devices} (mesh data={m["data"]} fsdp={m["fsdp"]} tensor={m["tensor"]}); '
+      f'global batch {p.global_batch}, {p.per_device_batch:g} samples per device per micro-batch; '
+      f'{p.tokens_per_sample} tokens per sample',
+      f'parameters: {p.num_params:,}',
+      f'FLOPs per train step (forward+backward): {p.flops_per_step:.3e} ({p.flops_source}'
+      + (f'; analytic {p.analytic_flops_per_step:.3e}' if p.flops_source != 'analytic' else '')
+      + f'), {p.flops_per_step / p.num_devices:.3e} per device',
+      'memory per device (analytic: state exact from the sharding rules, activations estimated):',
+  ]
+  for key in ('params', 'ema', 'optimizer', 'gradients', 'activations', 'total'):
+    lines.append(f'  {key:<12s} {_size(p.memory[key]):>12s}')
+  if p.compiled_memory:
+    c = p.compiled_memory
+    lines.append(f'compiled on {p.compiled_backend} (XLA memory_analysis, per device): '
+                 f'arguments {_size(c["arguments"])}, outputs {_size(c["outputs"])} '
+                 f'({_size(c["aliased"])} aliased), temporaries {_size(c["temporaries"])}, '
+                 f'peak {_size(c["peak"])}')
+  if p.device_memory_bytes:
+    used = p.peak_bytes / p.device_memory_bytes
+    what = 'compiled peak' if p.compiled_memory else 'analytic total'
+    verdict = 'fits' if p.fits else 'does NOT fit'
+    lines.append(f'device memory {_size(p.device_memory_bytes)}: {verdict} ({what} is '
+                 f'{100 * used:.0f}%)')
+    if not p.fits:
+      lines.append('  to fit: model.remat=True, a larger mesh.fsdp, or '
+                   'optim.grad_accum_steps > 1 (smaller micro-batches)')
+  return '\n'.join(lines)

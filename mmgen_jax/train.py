@@ -1,0 +1,369 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, top to bottom.
+
+mesh -> data -> model (sharded init) -> optimizer/EMA -> checkpoint restore ->
+loop (jitted step, metrics, checkpoints, sample grids) -> final checkpoint.
+
+What is trained comes from `Parts` (model, loss, data, sampler); `default_parts`
+builds them from the config, tests pass small stand-ins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+from absl import logging
+from clu import metric_writers
+from clu import parameter_overview
+from clu import periodic_actions
+from flax import nnx
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from mmgen_jax import checkpoint as checkpoint_lib
+from mmgen_jax import modalities as modalities_lib
+from mmgen_jax import parallel
+from mmgen_jax import train_state as ts_lib
+
+Batch = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """What the loop trains; everything else comes from the config."""
+  model_fn: Callable[[nnx.Rngs], nnx.Module]
+  loss_fn: ts_lib.LossFn                                        # (model, batch, rng) -> (loss, metrics)
+  make_data_iter: Callable[[int, int], Iterator[Batch]]          # (process_index, count) -> iterator
+  to_global_batch: Callable[[Batch, jax.sharding.Mesh, Any], dict[str, jax.Array]]
+  sample_fn: Callable[[nnx.Module, jax.Array], dict[str, np.ndarray]] | None = None  # -> uint8 grids
+
+
+# ---- the real parts ------------------------------------------------------------------
+
+
+def default_parts(config: ml_collections.ConfigDict) -> Parts:
+  """Model, objective, Grain pipeline and sample grids named by the config."""
+  from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.models import build  # pylint: disable=g-import-not-at-top
+
+  name = config.objective.name
+  if name == 'decoupled':
+    from mmgen_jax.diffusion import decoupled  # pylint: disable=g-import-not-at-top
+    loss_fn = decoupled.make_loss_fn(config)
+    model_fn = lambda rngs: build.build_model(config, rngs=rngs)
+  elif name == 'mt_elbo':
+    from mmgen_jax.diffusion import mt_elbo  # pylint: disable=g-import-not-at-top
+    from mmgen_jax.models import mt_encoders  # pylint: disable=g-import-not-at-top
+    loss_fn = mt_elbo.make_loss_fn(config)
+    side = build.model_kwargs(config)['input_size']
+    model_fn = lambda rngs: mt_encoders.build(build.build_model(config, rngs=rngs), config,
+                                              spatial=(side, side), rngs=rngs)
+  else:
+    raise ValueError(f"config.objective.name={name!r} is not one of ['decoupled', 'mt_elbo'].")
+
+  def make_data_iter(process_index: int, process_count: int):
+    return pipeline.make_iterator(config, config.data.train_split, train=True,
+                                  process_index=process_index, process_count=process_count)
+
+  return Parts(model_fn=model_fn, loss_fn=loss_fn, make_data_iter=make_data_iter,
+               to_global_batch=pipeline.to_global_batch, sample_fn=make_sample_fn(config))
+
+
+def make_sample_fn(config: ml_collections.ConfigDict
+                   ) -> Callable[[nnx.Module, jax.Array], dict[str, np.ndarray]]:
+  """Sample grids: joint generation from class labels, and understanding from RGB.
+
+  Each grid has one row per modality (depth as a colour map, normals as RGB,
+  segmentation in its palette colours). The RGB inputs for understanding are
+  the first validation images, the same on every process.
+  """
+  from mmgen_jax import visualize  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  mods = modalities_lib.from_config(config.modalities)
+  images = modalities_lib.images(mods)
+  n, res = int(config.sample.num_images), int(config.data.resolution)
+  num_classes = int(config.data.num_classes)
+  cache = {}
+
+  def held_out() -> dict[str, np.ndarray]:
+    if 'batch' not in cache:
+      it = pipeline.make_iterator(config, config.data.eval_split, train=False,
+                                  process_index=0, process_count=1)
+      cache['batch'] = {k: np.asarray(v)[:n] for k, v in next(it).items()}
+    return cache['batch']
+
+  def rows(arrays: Mapping[str, Any], prefix: str = '') -> dict[str, np.ndarray]:
+    return {prefix + m.name: visualize.modality_to_rgb(_to_host(arrays[m.name]), m.encoding,
+                                                       m.palette)
+            for m in images if m.name in arrays}
+
+  def sample_decoupled(model, rng) -> dict[str, np.ndarray]:
+    from mmgen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
+    kw = dict(mods=mods, shape=(n, res, res), num_classes=num_classes,
+              num_steps=int(config.sample.num_steps), cfg_scale=float(config.sample.cfg_scale),
+              path=config.objective.path, prediction=config.objective.prediction)
+    k_joint, k_cond = jax.random.split(rng)
+    y = np.arange(n, dtype=np.int32) % num_classes
+    grids = {'joint': visualize.make_grid(rows(samplers.sample(model, k_joint, y=y, **kw)))}
+    first = images[0].name
+    if len(images) > 1:
+      ref = held_out()
+      out = samplers.sample(model, k_cond, y=np.full((n,), num_classes, np.int32),
+                            condition={first: ref[first]}, **kw)
+      given = rows({first: ref[first]}, 'input/')
+      truth = rows({m.name: ref[m.name] for m in images[1:]}, 'true/')
+      pred = rows({m.name: out[m.name] for m in images[1:]}, 'pred/')
+      grids[f'from_{first}'] = visualize.make_grid({**given, **pred, **truth})
+    return grids
+
+  def sample_mt(model, rng) -> dict[str, np.ndarray]:
+    from mmgen_jax.diffusion import mt_elbo  # pylint: disable=g-import-not-at-top
+    y = np.arange(n, dtype=np.int32) % num_classes
+    out = mt_elbo.sample(model, rng, mods=mods, cfg=config.objective, num=n,
+                         num_classes=num_classes, y=y, num_steps=int(config.sample.num_steps))
+    return {'joint': visualize.make_grid(rows(out))}
+
+  return sample_mt if config.objective.name == 'mt_elbo' else sample_decoupled
+
+
+def _to_host(x: Any) -> np.ndarray:
+  """A (possibly multi-process) array as numpy on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+# ---- stopping on SIGTERM / SIGINT --------------------------------------------------------
+
+
+class StopSignals:
+  """Turns SIGTERM/SIGINT into "save and stop at the next step boundary".
+
+  One process: Python handlers set a flag. Several processes must stop at the
+  same step, so there SIGTERM is left to JAX's preemption service (installed
+  by `jax.distributed.initialize`), which agrees on a step across processes:
+  `multihost_utils.reached_preemption_sync_point`.
+  """
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous: dict[int, Any] = {}
+    self._multi = jax.process_count() > 1
+
+  def __enter__(self) -> 'StopSignals':
+    if threading.current_thread() is not threading.main_thread():
+      logging.warning('Not in the main thread: SIGTERM/SIGINT will not stop training cleanly.')
+      return self
+    for sig in (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.received = signal.Signals(signum).name
+    logging.warning('%s received: saving a checkpoint at the next step boundary, then '
+                    'stopping.', self.received)
+
+  def should_stop(self, step: int) -> bool:
+    if self._multi:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.received = self.received or 'preemption notice'
+        return True
+      if self.received:  # SIGINT on this process only: cannot stop alone
+        raise KeyboardInterrupt(f'{self.received} at step {step}')
+      return False
+    return self.received is not None
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def _check_finite(history: list[tuple[int, dict[str, float]]], last_saved: int | None) -> None:
+  for step, m in history:
+    if not np.isfinite(m['loss']):
+      parts = ', '.join(f'{k}={v:.6g}' for k, v in sorted(m.items()) if k.startswith('loss/'))
+      raise NonFiniteLossError(
+          f'loss is {m["loss"]} at step {step} (modality losses: {parts or "none reported"}; '
+          f'grad_norm={m.get("grad_norm", float("nan")):.6g}). This state is not saved; the last '
+          f'good checkpoint is step {last_saved}.')
+
+
+def _mean_metrics(history: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+  keys = history[-1][1].keys()
+  return {k: float(np.mean([m[k] for _, m in history])) for k in keys}
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  out = {}
+  def walk(prefix, node):
+    for k, v in node.items():
+      if isinstance(v, (dict, ml_collections.ConfigDict)):
+        walk(f'{prefix}{k}.', v)
+      else:
+        out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  walk('', config.to_dict())
+  return out
+
+
+def _flops_per_step(compiled: Any) -> float:
+  """Per-device FLOPs of one step from XLA's cost analysis (0 if unavailable)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return 0.0
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', 0.0))
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       parts: Parts | None = None) -> dict[str, Any]:
+  """Trains `config.train.num_steps` steps in `workdir`, resuming from its checkpoints.
+
+  Returns the metrics of the last logged window plus 'step' (the last step
+  done), 'preempted' and 'loss_history' ({step: loss} for the steps run here).
+  """
+  parts = parts or default_parts(config)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  num_steps = int(config.train.num_steps)
+  log_every = max(1, int(config.train.log_every))
+  sample_every = int(config.train.sample_every)
+  ckpt_every = max(1, int(config.train.checkpoint_every))
+
+  # ---- mesh ----------------------------------------------------------------------------
+  mesh = parallel.make_mesh(config.mesh)
+  rules = parallel.rules_dict(config.sharding_rules)
+  logging.info('Mesh %s over %d devices in %d processes.', dict(mesh.shape),
+               mesh.devices.size, jax.process_count())
+
+  # ---- data ----------------------------------------------------------------------------
+  data_iter = parts.make_data_iter(jax.process_index(), jax.process_count())
+
+  # ---- model and optimizer (created directly in their shards) -------------------------
+  schedule = ts_lib.make_schedule(config.optim, num_steps)
+  tx = ts_lib.make_optimizer(config.optim, schedule)
+  plan = ts_lib.plan_train_state(parts.model_fn, tx, mesh, rules, int(config.seed))
+
+  # ---- checkpoint: resume or start --------------------------------------------------------
+  ckpt = checkpoint_lib.Checkpointer(workdir, config)
+  restored = ckpt.restore_latest(plan.abstract, data_iter)
+  if restored is None:
+    state, start = plan.init(), 0
+    writer.write_hparams(_flat_hparams(config))
+  else:
+    state, start = restored
+  last_saved = start if restored else None
+  if is_main:
+    parameter_overview.log_parameter_overview(state.params, include_stats=False,
+                                              msg='Trainable parameters')
+
+  # ---- the jitted step -----------------------------------------------------------------------
+  step_fn = ts_lib.jit_train_step(
+      ts_lib.make_train_step(plan.graphdef, parts.loss_fn, tx, schedule,
+                             ema_decay=float(config.optim.ema_decay),
+                             grad_accum_steps=int(config.optim.grad_accum_steps)),
+      plan.shardings, parallel.batch_sharding(mesh, rules), mesh)
+  sample_key = jax.random.fold_in(jax.random.key(int(config.seed)), 2)
+
+  def write_samples(step: int) -> None:
+    if parts.sample_fn is None:
+      return
+    params = state.ema_params if config.sample.use_ema else state.params
+    model = ts_lib.merge_model(plan.graphdef, params, state.model_state)
+    grids = parts.sample_fn(model, jax.random.fold_in(sample_key, step))
+    writer.write_images(step, {f'samples/{k}': g[None] for k, g in grids.items()})
+    if is_main:
+      from mmgen_jax import visualize  # pylint: disable=g-import-not-at-top
+      for k, g in grids.items():
+        visualize.save_png(os.path.join(workdir, 'samples', f'step_{step:06d}_{k}.png'), g)
+
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_steps=log_every)
+  hooks = [report] if is_main else []
+
+  compiled, flops = None, 0.0
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
+  window: list[tuple[int, dict[str, float]]] = []
+  loss_history: dict[int, float] = {}
+  last_metrics: dict[str, float] = {}
+  batch_size = 0
+  window_start, window_steps = time.perf_counter(), 0
+  step, preempted = start, False
+
+  try:
+    with StopSignals() as stop_signals, jax.set_mesh(mesh):
+      for step in range(start + 1, num_steps + 1):
+        with jax.profiler.StepTraceAnnotation('train', step_num=step):
+          batch = parts.to_global_batch(next(data_iter), mesh, rules)
+          if compiled is None:  # compile once, ahead of time, to read the FLOPs
+            compiled = step_fn.lower(state, batch).compile()
+            flops = _flops_per_step(compiled)
+            batch_size = int(jax.tree.leaves(batch)[0].shape[0])
+            window_start = time.perf_counter()
+          state, metrics = compiled(state, batch)
+        pending.append((step, metrics))
+        window_steps += 1
+        for hook in hooks:
+          hook(step)
+
+        stop = stop_signals.should_stop(step)
+        save_due = step % ckpt_every == 0 or step == num_steps or stop
+        sample_due = step == num_steps or (sample_every > 0 and step % sample_every == 0)
+        if not (save_due or sample_due or stop or step % log_every == 0):
+          continue
+
+        # Fetching the metrics waits for the step; a bad loss stops before any save.
+        fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+        pending.clear()
+        _check_finite(fetched, last_saved)
+        window += fetched
+        loss_history.update((s, m['loss']) for s, m in fetched)
+
+        if step % log_every == 0 or step == num_steps or stop:
+          elapsed = time.perf_counter() - window_start
+          steps_per_sec = window_steps / max(elapsed, 1e-9)
+          last_metrics = _mean_metrics(window)
+          scalars = {f'train/{k}': v for k, v in last_metrics.items()}
+          scalars['perf/steps_per_sec'] = steps_per_sec
+          scalars['perf/images_per_sec'] = steps_per_sec * batch_size
+          if flops and float(config.train.peak_flops) > 0:
+            scalars['perf/mfu'] = flops * steps_per_sec / float(config.train.peak_flops)
+          writer.write_scalars(step, scalars)
+          window.clear()
+          window_start, window_steps = time.perf_counter(), 0
+
+        if save_due and ckpt.save(step, state, data_iter, force=step == num_steps or stop):
+          last_saved = step
+        if sample_due:
+          write_samples(step)
+        if stop:
+          preempted = True
+          logging.warning('Stopped at step %d after %s; the checkpoint of this step resumes '
+                          'the run.', step, stop_signals.received)
+          break
+      writer.flush()
+  finally:
+    ckpt.close()  # waits for the async saves of good states
+    writer.close()
+
+  return {**last_metrics, 'step': step, 'preempted': preempted, 'loss_history': loss_history,
+          'flops_per_step_per_device': flops}

@@ -1,0 +1,133 @@
+"""Turning modality arrays into pictures: colour maps, sample grids, PNG files.
+
+Pure numpy; PIL only writes the file. Display conversions saturate values
+outside the displayable range (generated samples overshoot [-1, 1] a little);
+that is the only clipping, and it never touches data used for training or
+metrics.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from mmgen_jax.data import palettes
+
+# Viridis (perceptually uniform) at ten evenly spaced points; linear in between.
+_VIRIDIS = np.array([
+    [0x44, 0x01, 0x54], [0x48, 0x28, 0x78], [0x3e, 0x4a, 0x89], [0x31, 0x68, 0x8e],
+    [0x26, 0x82, 0x8e], [0x1f, 0x9e, 0x89], [0x35, 0xb7, 0x79], [0x6e, 0xce, 0x58],
+    [0xb5, 0xde, 0x2b], [0xfd, 0xe7, 0x25]], np.float32)
+
+
+def _unit_to_uint8(x: np.ndarray) -> np.ndarray:
+  """[0, 1] -> uint8, saturating outside (display only)."""
+  return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def colormap(t: np.ndarray) -> np.ndarray:
+  """Viridis: t in [0, 1] (...) -> uint8 (..., 3); 0 is dark purple, 1 is yellow."""
+  t = np.clip(np.asarray(t, np.float32), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+  lo = np.minimum(np.floor(t).astype(np.int32), len(_VIRIDIS) - 2)
+  frac = (t - lo)[..., None]
+  rgb = _VIRIDIS[lo] * (1.0 - frac) + _VIRIDIS[lo + 1] * frac
+  return np.round(rgb).astype(np.uint8)
+
+
+def depth_to_rgb(depth: np.ndarray, vmin: float | None = None,
+                 vmax: float | None = None) -> np.ndarray:
+  """Depth (..., H, W) or (..., H, W, 1) -> uint8 (..., H, W, 3); near is bright.
+
+  vmin/vmax default to the finite min/max of the whole array (call per image, or
+  pass them, to compare images on one scale). Non-finite depth shows as black.
+  """
+  depth = np.asarray(depth, np.float32)
+  if depth.ndim >= 3 and depth.shape[-1] == 1:
+    depth = depth[..., 0]
+  if depth.ndim < 2:
+    raise ValueError(f'depth must be (..., H, W) or (..., H, W, 1); got shape {depth.shape}.')
+  finite = np.isfinite(depth)
+  if vmin is None or vmax is None:
+    if not finite.any():
+      raise ValueError('depth has no finite values and no vmin/vmax were given.')
+    vmin = float(depth[finite].min()) if vmin is None else vmin
+    vmax = float(depth[finite].max()) if vmax is None else vmax
+  span = vmax - vmin if vmax > vmin else 1.0
+  rgb = colormap((vmax - np.where(finite, depth, vmax)) / span)
+  rgb[~finite] = 0
+  return rgb
+
+
+def normal_to_rgb(normal: np.ndarray) -> np.ndarray:
+  """Normals (..., 3) in [-1, 1] -> uint8 via (n + 1) / 2."""
+  normal = np.asarray(normal, np.float32)
+  if normal.shape[-1:] != (3,):
+    raise ValueError(f'normals must end in 3 channels; got shape {normal.shape}.')
+  return _unit_to_uint8((normal + 1.0) / 2.0)
+
+
+def segmentation_to_rgb(ids: np.ndarray, palette: str | np.ndarray = 'scenes') -> np.ndarray:
+  """Integer ids (...) -> uint8 (..., 3) palette colours."""
+  return palettes.colorize(ids, palette)
+
+
+def modality_to_rgb(array: np.ndarray, encoding: str, palette: str | np.ndarray = 'scenes'
+                    ) -> np.ndarray:
+  """A model-space array (..., H, W, C) in [-1, 1] -> uint8 (..., H, W, 3) for display.
+
+  encoding is a `modalities.ENCODINGS` image encoding: 'rgb', 'depth' (-1 near,
+  +1 far, shown with `depth_to_rgb` on the fixed range [-1, 1]), 'normal', or
+  'segmentation' (already a colour map: shown as is). `palette` is accepted for
+  symmetry with the modality spec; segmentation colour maps need no decoding.
+  """
+  del palette  # the colour map is displayed as generated
+  array = np.asarray(array, np.float32)
+  if encoding in ('rgb', 'segmentation', 'normal'):
+    if array.shape[-1:] != (3,):
+      raise ValueError(f'a {encoding!r} array must end in 3 channels; got shape {array.shape}.')
+    return _unit_to_uint8((array + 1.0) / 2.0)
+  if encoding == 'depth':
+    return depth_to_rgb(array, vmin=-1.0, vmax=1.0)
+  raise ValueError(f'cannot display encoding {encoding!r}; expected one of '
+                   f"'rgb', 'depth', 'normal', 'segmentation'.")
+
+
+def make_grid(rows: dict[str, np.ndarray], pad: int = 2, pad_value: int = 255) -> np.ndarray:
+  """One row per modality (in dict order), one column per sample: uint8 (H', W', 3).
+
+  Every row is uint8 (N, H, W, 3) with the same N, H and W. Tiles are separated
+  and framed by `pad` pixels of `pad_value`.
+  """
+  if not rows:
+    raise ValueError('make_grid needs at least one row.')
+  shapes = {name: np.shape(x) for name, x in rows.items()}
+  first_name, first = next(iter(shapes.items()))
+  for name, x in rows.items():
+    x = np.asarray(x)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f'grid row {name!r} must be uint8 (N, H, W, 3); got {x.dtype} {x.shape}.')
+    if x.shape != first:
+      raise ValueError(f'grid row {name!r} has shape {x.shape} but row {first_name!r} has '
+                       f'{first}; all rows must match.')
+  n, h, w, _ = first
+  grid = np.full((pad + len(rows) * (h + pad), pad + n * (w + pad), 3), pad_value, np.uint8)
+  for r, x in enumerate(rows.values()):
+    for c in range(n):
+      top, left = pad + r * (h + pad), pad + c * (w + pad)
+      grid[top:top + h, left:left + w] = x[c]
+  return grid
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+  """Writes a uint8 (H, W, 3) or (H, W) image, creating the parent directory."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3
+                                                               and image.shape[-1] != 3):
+    raise ValueError(f'save_png expects uint8 (H, W, 3) or (H, W); got {image.dtype} '
+                     f'{image.shape}.')
+  parent = os.path.dirname(os.fspath(path))
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  Image.fromarray(image).save(path, format='PNG')

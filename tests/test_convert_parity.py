@@ -1,0 +1,160 @@
+"""Parity with the official MMGen SiT (tiny vectors) and the released SiT-XL/2 layout."""
+
+import os
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from mmgen_jax.models import build, convert, dit
+
+TINY = dict(input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=10,
+            repa_encoder_depth=1, repa_z_dims=(32,), repa_projector_dim=64)
+XL2_TRAINABLE, XL2_POS_EMBED = 694_353_024, 294_912
+
+
+@pytest.fixture(scope='module')
+def vectors(parity_dir):
+  return load_file(os.path.join(parity_dir, 'mmgen_sit_tiny.safetensors'))
+
+
+@pytest.fixture(scope='module')
+def state_dict(vectors):
+  return {k[len('params/'):]: v for k, v in vectors.items() if k.startswith('params/')}
+
+
+def _tiny_model():
+  with nnx.use_eager_sharding(False):
+    return dit.MMDiT(**build.mmgen_sit_kwargs(**TINY), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope='module')
+def converted(state_dict):
+  model = _tiny_model()
+  convert.load_mmgen_state_dict(model, state_dict)
+  return model
+
+
+def _nhwc(a):
+  return jnp.asarray(a).transpose(0, 2, 3, 1)
+
+
+def _assert_close(name, got, ref):
+  got = np.asarray(got, np.float32).reshape(ref.shape)
+  err, scale = np.abs(got - ref).max(), np.abs(ref).max()
+  assert err <= 1e-5 * scale, f'{name}: max|out-ref| = {err:.3g} > 1e-5 * max|ref| = {scale:.3g}'
+
+
+def test_every_recorded_tensor_matches(converted, vectors):
+  n = vectors['inputs/x'].shape[0]
+  out = converted(_nhwc(vectors['inputs/x']), jnp.asarray(vectors['inputs/t']).reshape(n, -1),
+                  jnp.asarray(vectors['inputs/y']), jnp.asarray(vectors['inputs/task']),
+                  return_intermediates=True)
+  got = dict(out.intermediates)
+  got['pred'] = jnp.concatenate(out.images, axis=-1).transpose(0, 3, 1, 2)  # -> NCHW
+  got['t_emb_channelwise'] = converted.t_embedder(
+      jnp.asarray(vectors['inputs/t_channelwise']).reshape(n, -1))
+  refs = {k[len('outputs/'):]: v for k, v in vectors.items() if k.startswith('outputs/')}
+  assert set(refs) == {'x_patch', 'x_tokens', 't_freq', 't_emb_concat', 't_emb', 'y_emb',
+                       'task_emb', 'c', 'blocks.0', 'blocks.1', 'zs.0', 'final_layer.0',
+                       'final_layer.1', 'final_layer.2', 'final_layer.3', 'pred',
+                       't_emb_channelwise'}
+  for name, ref in sorted(refs.items()):
+    _assert_close(name, got[name], ref)
+  _assert_close('zs[0]', out.zs[0], refs['zs.0'])
+
+
+def test_per_modality_times_and_default_task(converted, vectors):
+  x, y = _nhwc(vectors['inputs/x']), jnp.asarray(vectors['inputs/y'])
+  pred = vectors['outputs/pred']
+  out = converted(x, jnp.asarray(vectors['inputs/t_per_modality']), y,
+                  jnp.asarray(vectors['inputs/task']))
+  _assert_close('pred (per-slot t)', jnp.concatenate(out.images, -1).transpose(0, 3, 1, 2), pred)
+  # task=None is task 0 for every sample.
+  t = jnp.asarray(vectors['inputs/t_per_modality'])
+  np.testing.assert_array_equal(converted(x, t, y).images[0],
+                                converted(x, t, y, jnp.zeros_like(y)).images[0])
+
+
+def test_pos_embed_matches_official_table(converted, vectors):
+  np.testing.assert_allclose(converted.pos_embed(), vectors['params/pos_embed'][0], atol=1e-7)
+
+
+def test_conversion_errors_name_the_key(state_dict):
+  model = _tiny_model()
+  bad = dict(state_dict)
+  bad['blocks.0.mlp.fc1.weight'] = bad['blocks.0.mlp.fc1.weight'][:, :32]
+  del bad['taskcond_embedder.embedding_table.weight']
+  bad['blocks.9.attn.qkv.weight'] = np.zeros((3, 3), np.float32)
+  with pytest.raises(ValueError) as e:
+    convert.convert_mmgen_state_dict(bad, model)
+  msg = str(e.value)
+  assert 'blocks.0.mlp.fc1.weight: torch shape (256, 32)' in msg and '(64, 256)' in msg
+  assert "absent from the state dict: ['taskcond_embedder.embedding_table.weight']" in msg
+  assert "['blocks.9.attn.qkv.weight']" in msg
+
+  shifted = dict(state_dict, pos_embed=state_dict['pos_embed'][:, ::-1])
+  with pytest.raises(ValueError, match='pos_embed differs'):
+    convert.convert_mmgen_state_dict(shifted, model)
+
+
+def test_safetensors_round_trip(tmp_path, converted, state_dict, vectors):
+  src = tmp_path / 'sit.safetensors'
+  save_file({f'params/{k}': v for k, v in state_dict.items()}, str(src))
+  loaded = convert.load_torch_state_dict(str(src), prefix='params/')
+  assert sorted(loaded) == sorted(state_dict)
+
+  dst = tmp_path / 'nnx.safetensors'
+  convert.save_params(str(dst), converted)
+  fresh = _tiny_model()
+  convert.load_params(fresh, str(dst))
+  n = vectors['inputs/x'].shape[0]
+  args = (_nhwc(vectors['inputs/x']), jnp.asarray(vectors['inputs/t']).reshape(n, -1),
+          jnp.asarray(vectors['inputs/y']), jnp.asarray(vectors['inputs/task']))
+  np.testing.assert_array_equal(fresh(*args).images[2], converted(*args).images[2])
+
+
+def _xl2_manifest(parity_dir):
+  shapes, total = {}, None
+  with open(os.path.join(parity_dir, 'mmgen_sit_xl2_keys.tsv')) as f:
+    for line in f:
+      key, shape, *_ = line.rstrip('\n').split('\t')
+      if key == '# total_params':
+        total = int(shape)
+      elif not key.startswith('#'):
+        shapes[key] = tuple(int(s) for s in shape.split('x'))
+  return shapes, total
+
+
+def test_xl2_manifest_maps_one_to_one(parity_dir):
+  shapes, total = _xl2_manifest(parity_dir)
+  assert len(shapes) == 315
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: dit.MMDiT(**build.model_config_for_mmgen_xl2(),
+                                             rngs=nnx.Rngs(0)))
+  rules = convert.plan_conversion(model, shapes)  # raises on any mismatch
+  assert sorted(rules) == sorted(set(shapes) - {'pos_embed'})
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  assert sorted(r.path for r in rules.values()) == sorted(params)  # one key per parameter
+
+  trainable = dit.count_params(model)
+  pos = int(np.prod(shapes['pos_embed']))
+  assert (trainable, pos, trainable + pos) == (XL2_TRAINABLE, XL2_POS_EMBED, total)
+  assert trainable == sum(int(np.prod(s)) for k, s in shapes.items() if k != 'pos_embed')
+
+
+def test_cli_converts_a_state_dict_file(tmp_path, state_dict, converted):
+  """The CLI builds the model from the released flags; run it with the tiny sizes."""
+  src, dst = tmp_path / 'ckpt.safetensors', tmp_path / 'out.safetensors'
+  save_file(state_dict, str(src))
+  convert.main(['--checkpoint', str(src), '--out', str(dst), '--input_size', '8',
+                '--num_classes', '10', '--hidden_size', '64', '--depth', '2', '--num_heads', '4',
+                '--repa_encoder_depth', '1', '--repa_z_dim', '32', '--repa_projector_dim', '64'])
+  fresh = _tiny_model()
+  convert.load_params(fresh, str(dst))
+  ref = dict(nnx.to_flat_state(nnx.state(converted, nnx.Param)))
+  for path, var in nnx.to_flat_state(nnx.state(fresh, nnx.Param)):
+    np.testing.assert_array_equal(var.get_value(), ref[path].get_value(), err_msg=str(path))

@@ -1,0 +1,272 @@
+"""The multi-modal DiT: initialisation, gradients, dtypes, time layouts, sharding, cost."""
+
+from flax import nnx
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmgen_jax import config_schema
+from mmgen_jax.models import build, dit
+
+# rgb 3 + depth 1 + normal 3 + segmentation 3, one time slot and one head each.
+SLOTS = (3, 1, 3, 3)
+SMALL = dict(input_size=8, patch_size=2, in_channels=10, image_heads=SLOTS, time_slots=SLOTS,
+             class_heads=(4,), hidden_size=32, depth=2, num_heads=2, num_classes=4,
+             class_dropout_prob=0.1, num_tasks=4, repa_encoder_depth=1, repa_z_dims=(8,),
+             repa_projector_dim=16)
+TINY_CPU = dict(input_size=32, patch_size=2, in_channels=10, image_heads=SLOTS,
+                time_slots=SLOTS, hidden_size=128, depth=4, num_heads=4, num_classes=4,
+                class_dropout_prob=0.1, num_tasks=4)
+
+
+def make(seed=0, **overrides):
+  with nnx.use_eager_sharding(False):
+    return dit.MMDiT(**{**SMALL, **overrides}, rngs=nnx.Rngs(seed))
+
+
+def inputs(kw=SMALL, n=2, seed=0):
+  kx, kt = jax.random.split(jax.random.key(seed))
+  s = kw['input_size']
+  x = jax.random.normal(kx, (n, s, s, kw['in_channels']))
+  t = jax.random.uniform(kt, (n, len(kw['time_slots'])))
+  y = jnp.arange(n, dtype=jnp.int32) % (kw['num_classes'] + 1)  # includes the null class
+  task = jnp.arange(n, dtype=jnp.int32) % (kw['num_tasks'] + 1)
+  return x, t, y, task
+
+
+def perturb(model, scale=0.2, seed=1):
+  """Replaces every parameter by random values, so zero-initialised layers carry signal."""
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = [scale * jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)]
+  nnx.update(model, jax.tree.unflatten(treedef, new))
+
+
+def test_zero_init_outputs_zeros():
+  model = make()
+  x, t, y, task = inputs()
+  out = model(x, t, y, task)
+  assert [o.shape for o in out.images] == [(2, 8, 8, c) for c in SLOTS]
+  assert [o.shape for o in out.logits] == [(2, 4)]
+  assert [z.shape for z in out.zs] == [(2, 16, 8)]
+  for o in out.images + out.logits:
+    assert o.dtype == jnp.float32
+    np.testing.assert_array_equal(o, 0.0)
+  assert float(jnp.abs(out.zs[0]).max()) > 0  # REPA projector is not zero-initialised
+
+
+def test_gradients_reach_every_parameter_and_head():
+  model = make()
+  perturb(model)
+  x, t, y, task = inputs(n=5)  # covers every class and task row
+
+  def loss(m, head_weights):
+    out = m(x, t, y, task)
+    terms = [jnp.mean(o ** 2) for o in out.images + out.logits + out.zs]
+    return sum(w * l for w, l in zip(head_weights, terms))
+
+  num_outputs = len(SLOTS) + 1 + 1
+  grads = nnx.grad(loss)(model, jnp.ones(num_outputs))
+  for path, g in nnx.to_flat_state(grads):
+    assert float(jnp.abs(g.get_value()).max()) > 0, f'no gradient reaches {path}'
+  # Each output alone reaches its own head and the shared trunk.
+  heads = [('final_layers', m) for m in range(len(SLOTS))] + [('class_heads', 0),
+                                                               ('projectors', 0)]
+  for i, head in enumerate(heads):
+    g = dict(nnx.to_flat_state(nnx.grad(loss)(model, jnp.eye(num_outputs)[i])))
+    for path, v in g.items():
+      norm = float(jnp.abs(v.get_value()).max())
+      if path[:2] == head or path[0] in ('x_embedder', 'blocks'):
+        assert norm > 0, f'output {head} gives no gradient to {path}'
+      elif path[0] in ('final_layers', 'class_heads', 'projectors'):
+        assert norm == 0, f'output {head} leaks gradient into {path}'
+
+
+def test_bf16_compute_is_finite_and_close_to_f32():
+  f32 = make()
+  perturb(f32)
+  bf16 = make(dtype=jnp.bfloat16)
+  nnx.update(bf16, nnx.state(f32, nnx.Param))
+  args = inputs()
+  ref, out = f32(*args), bf16(*args)
+  for r, o in zip(ref.images + ref.logits + ref.zs, out.images + out.logits + out.zs):
+    assert o.dtype == jnp.float32 and bool(jnp.isfinite(o).all())
+    assert float(jnp.abs(o - r).max()) <= 0.05 * float(jnp.abs(r).max())
+  assert bf16.blocks[0].mlp.fc1.kernel.get_value().dtype == jnp.float32  # params stay f32
+
+
+def test_time_per_slot_equals_time_per_channel():
+  model = make()
+  perturb(model)
+  x, t, y, task = inputs()
+  per_channel = jnp.repeat(t, np.array(SLOTS), axis=1, total_repeat_length=sum(SLOTS))
+  a, b = model(x, t, y, task), model(x, per_channel, y, task)
+  for i, j in zip(a.images, b.images):
+    np.testing.assert_allclose(i, j, rtol=1e-5, atol=1e-6)
+  # (N,) = the same time in every slot.
+  np.testing.assert_allclose(
+      model.t_embedder(t[:, 0]), model.t_embedder(jnp.repeat(t[:, :1], len(SLOTS), 1)),
+      rtol=1e-6, atol=1e-6)
+  # Per-channel times are embedded, then averaged within each slot (not averaged first).
+  varied = jax.random.uniform(jax.random.key(3), (2, sum(SLOTS)))
+  emb = model.t_embedder.per_time(varied)
+  want = jnp.concatenate([emb[:, :3].mean(1), emb[:, 3], emb[:, 4:7].mean(1),
+                          emb[:, 7:].mean(1)], axis=-1)
+  np.testing.assert_allclose(model.t_embedder.slot_embeddings(varied), want, rtol=1e-6,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match=r'\(N, 4\) one time per slot'):
+    model(x, t[:, :3], y, task)
+
+
+def test_single_time_slot_model():
+  model = make(in_channels=3, image_heads=(3, 1), time_slots=(3,), num_tasks=0)
+  x = jnp.zeros((2, 8, 8, 3))
+  out = model(x, jnp.array([0.1, 0.9]), jnp.array([0, 4]))
+  assert [o.shape for o in out.images] == [(2, 8, 8, 3), (2, 8, 8, 1)]
+  assert not hasattr(model.t_embedder, 'fuse_fc1')
+  with pytest.raises(ValueError, match='no task embedding'):
+    model(x, jnp.array([0.1, 0.9]), jnp.array([0, 4]), jnp.array([0, 1]))
+
+
+def test_every_param_has_logical_axes_from_the_rules():
+  config = config_schema.base_config()
+  rules = dict(config.sharding_rules)
+  model = make(qk_norm=True)
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = var.get_metadata().get('out_sharding')
+    shape = var.get_value().shape
+    assert names is not None and len(names) == len(shape), f'{path}: {names} for {shape}'
+    assert all(n is None or n in rules for n in names), f'{path}: {names} not in {sorted(rules)}'
+    mesh_axes = [a for n in names if n is not None for a in np.atleast_1d(rules[n]) if a]
+    assert len(mesh_axes) == len(set(mesh_axes)), f'{path}: {names} reuses a mesh axis'
+  qkv = model.blocks[0].attn.qkv_kernel
+  assert qkv.get_metadata()['out_sharding'] == ('embed', None, 'heads', 'kv')
+
+
+def test_sharded_build_and_forward_match_unsharded():
+  config = config_schema.base_config()
+  config.data.resolution = 8
+  config.model.hidden_size, config.model.depth, config.model.num_heads = 32, 2, 2
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh):
+    sharded = build.build_model(config, rngs=nnx.Rngs(0))
+  plain = build.build_model(config, rngs=nnx.Rngs(0))
+  assert sharded.blocks[0].attn.qkv_kernel.get_value().sharding.spec == P(
+      'fsdp', None, 'tensor', None)
+  assert sharded.blocks[0].mlp.fc2.kernel.get_value().sharding.spec == P('tensor', 'fsdp')
+  perturb(plain)
+  nnx.update(sharded, jax.tree.map(lambda new, old: jax.device_put(new, old.sharding),
+                                   nnx.state(plain, nnx.Param), nnx.state(sharded, nnx.Param)))
+  kw = build.model_kwargs(config)
+  x, t, y, task = inputs(kw, n=8)
+  with jax.set_mesh(mesh):
+    x = jax.device_put(x, NamedSharding(mesh, P(('data', 'fsdp'))))
+    out = nnx.jit(lambda m, *a: m(*a).images)(sharded, x, t, y, task)
+  ref = plain(x, t, y, task).images
+  for o, r in zip(out, ref):
+    np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-5)
+
+
+def test_model_kwargs_follow_the_config():
+  c = config_schema.base_config()
+  kw = build.model_kwargs(c)
+  assert (kw['in_channels'], kw['image_heads'], kw['time_slots'], kw['num_tasks']) == (
+      10, SLOTS, SLOTS, 4)
+  assert kw['input_size'] == c.data.resolution and kw['class_heads'] == ()
+
+  c.codec.name = 'sd_vae'
+  c.data.resolution = 256
+  kw = build.model_kwargs(c)
+  assert (kw['input_size'], kw['in_channels'], kw['image_heads']) == (32, 16, (4,) * 4)
+
+  c = config_schema.base_config()
+  c.modalities = config_schema.scenes_modalities(with_label_modality=True)
+  c.objective.name = 'mt_elbo'
+  c.objective.primary = 'normal'
+  kw = build.model_kwargs(c)
+  # primary first, then the other image modalities in slot order; labels get a classifier.
+  assert (kw['in_channels'], kw['image_heads'], kw['time_slots']) == (3, (3, 3, 1, 3), (3,))
+  assert (kw['class_heads'], kw['num_tasks']) == ((4,), 0)
+  model = build.build_model(c, rngs=nnx.Rngs(0))
+  assert isinstance(model, dit.MMDiT) and len(model.class_heads) == 1
+
+  c.objective.name = 'ddpm'
+  with pytest.raises(ValueError, match="objective.name='ddpm'"):
+    build.model_kwargs(c)
+
+
+def test_remat_gives_the_same_gradients():
+  plain, remat = make(), make(remat=True)
+  perturb(plain)
+  nnx.update(remat, nnx.state(plain, nnx.Param))
+  args = inputs()
+  loss = lambda m: jnp.mean(m(*args).images[0] ** 2)
+  g1 = jax.tree.leaves(nnx.grad(loss)(plain))
+  g2 = jax.tree.leaves(nnx.grad(loss)(remat))
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---- parameter counts and FLOPs ------------------------------------------------
+
+
+def _abstract(kwargs):
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: dit.MMDiT(**kwargs, rngs=nnx.Rngs(0)))
+
+
+def _train_step_lowered(kwargs, batch):
+  """jit(grad of a loss over every output) lowered on abstract inputs: nothing is allocated."""
+  graphdef, params, rest = nnx.split(_abstract(kwargs), nnx.Param, ...)
+
+  def loss(params, rest, x, t, y):
+    out = nnx.merge(graphdef, params, rest)(x, t, y)
+    return sum(jnp.mean(o ** 2) for o in out.images + out.zs)
+
+  s = kwargs['input_size']
+  spec = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(shape, dt)
+  return jax.jit(jax.grad(loss)).lower(
+      params, rest, spec((batch, s, s, kwargs['in_channels'])),
+      spec((batch, len(kwargs['time_slots']))), spec((batch,), jnp.int32))
+
+
+def _matmul_estimate(kwargs, batch):
+  """6·T·(token-wise weights) + 3·(attention 4·T²·D per block), per batch."""
+  model = _abstract(kwargs)
+  tokens = (kwargs['input_size'] // kwargs['patch_size']) ** 2
+  weights = [model.x_embedder.proj.kernel] + [f.linear.kernel for f in model.final_layers]
+  for b in model.blocks:
+    weights += [b.attn.qkv_kernel, b.attn.proj_kernel, b.mlp.fc1.kernel, b.mlp.fc2.kernel]
+  for p in model.projectors:
+    weights += [p.fc1.kernel, p.fc2.kernel, p.fc3.kernel]
+  per_token = sum(int(np.prod(w.get_value().shape)) for w in weights)
+  attention = 4 * tokens ** 2 * kwargs['hidden_size'] * kwargs['depth']
+  return batch * (6 * tokens * per_token + 3 * attention)
+
+
+def _flops(cost):
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops'])
+
+
+def test_tiny_cpu_train_step_flops():
+  batch = 32
+  flops = _flops(_train_step_lowered(TINY_CPU, batch).compile().cost_analysis())
+  params = dit.count_params(_abstract(TINY_CPU))
+  print(f'\ntiny CPU model: {params:,} params; forward+backward, batch {batch}: '
+        f'{flops / 1e9:.2f} GFLOP ({flops / batch / 1e9:.3f} GFLOP/sample)')
+  assert params == 1_421_672
+  assert 0.8 < flops / _matmul_estimate(TINY_CPU, batch) < 1.3
+
+
+def test_xl2_train_step_flops():
+  """XL/2, abstractly. HLO cost before compilation: compiling takes minutes on CPU."""
+  kwargs = build.model_config_for_mmgen_xl2()
+  flops = _flops(_train_step_lowered(kwargs, 1).cost_analysis())
+  print(f'\nSiT-XL/2 (MMGen): {dit.count_params(_abstract(kwargs)):,} params; '
+        f'forward+backward: {flops / 1e9:.1f} GFLOP/sample')
+  assert 0.8 < flops / _matmul_estimate(kwargs, 1) < 1.3
