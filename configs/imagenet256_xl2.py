@@ -17,10 +17,11 @@ the user builds from ImageNet-1k plus pseudo-labels; each record needs
   label         int64  scalar         ImageNet class in [0, 1000)
 
 and splits `train` / `validation`. With a latent cache the codec is not run
-in the loop. Check the plan before paying for hardware:
+in the loop. Check the plan before paying for hardware (a v5p-32 slice is 16
+chips of 95 GB; 8×H100 is 8 devices of 80 GB):
 
-  python -m mmgen_jax.main --config=configs/imagenet256_xl2.py --workdir=/tmp/plan \
-      --mode=plan --plan_devices=32 --plan_device_memory_gb=95
+  python -m mmgen_jax.main --config=configs/imagenet256_xl2.py --mode=plan \
+      --plan_devices=16 --plan_device_memory_gb=95
 """
 
 import ml_collections

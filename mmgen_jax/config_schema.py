@@ -47,6 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.shuffle_seed = 0
   c.data.worker_count = 0             # Grain mp_prefetch workers (0 = in-process)
   c.data.worker_buffer_size = 2
+  c.data.read_threads = 2             # threads decoding records in each process / worker
+  c.data.read_buffer_size = 64        # records decoded ahead in each process / worker
   c.data.on_bad_record = 'raise'      # 'raise' | 'skip' (skipped records are counted)
   c.data.augment = ml_collections.ConfigDict()
   c.data.augment.hflip = True
@@ -131,6 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.peak_flops = 0.0            # per-device peak FLOP/s for MFU (0 = not reported)
+  # PRNG behind parameter init and every train-time draw: 'threefry2x32' (JAX's
+  # default), 'rbg' or 'unsafe_rbg' (RngBitGenerator: faster on TPU and much
+  # faster to compile on CPU; its bits may depend on the sharding).
+  c.train.rng_impl = 'threefry2x32'
 
   # ---- sampling and evaluation ---------------------------------------------
   c.sample = ml_collections.ConfigDict()

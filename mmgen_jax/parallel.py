@@ -155,14 +155,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # ---- sharded creation ------------------------------------------------------------
 
 
-def abstract_model(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int = 0) -> nnx.Module:
+def abstract_model(model_fn: Callable[[nnx.Rngs], nnx.Module], key: Any = 0) -> nnx.Module:
   """The model as shapes only (no memory); shardings come later from the rules.
 
   Built with no mesh in context, so flax does not resolve the logical names
   itself: `param_specs` does, and names an unknown one.
   """
   with nnx.use_eager_sharding(False):
-    return nnx.eval_shape(lambda: model_fn(nnx.Rngs(seed)))
+    return nnx.eval_shape(lambda: model_fn(nnx.Rngs(key)))
 
 
 def sharded_init(init_fn: Callable[[], Any], out_shardings: Any, mesh: Mesh) -> Any:

@@ -25,7 +25,6 @@ import dataclasses
 import math
 from typing import Any, Callable
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -77,15 +76,6 @@ class Plan:
 # ---- abstract pieces -----------------------------------------------------------------
 
 
-def loss_fn_for(config: ml_collections.ConfigDict) -> Callable:
-  """The objective's (model, batch, rng) -> (loss, metrics)."""
-  if config.objective.name == 'mt_elbo':
-    from mmgen_jax.diffusion import mt_elbo
-    return mt_elbo.make_loss_fn(config)
-  from mmgen_jax.diffusion import decoupled
-  return decoupled.make_loss_fn(config)
-
-
 def abstract_batch(config: ml_collections.ConfigDict, batch_size: int
                    ) -> dict[str, jax.ShapeDtypeStruct]:
   """One batch in model space: images (B, s, s, C) float32, classes and 'label' (B,) int32."""
@@ -101,24 +91,18 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int
   return out
 
 
-def _abstract_state(config, mesh) -> tuple[nnx.GraphDef, Any, Any, Callable]:
-  """(graphdef, abstract TrainState with shardings, shardings, train_step)."""
-  abstract = parallel.abstract_model(lambda rngs: build.build_model(config, rngs=rngs),
-                                     config.seed)
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+def _abstract_state(config, mesh) -> tuple[Any, Any, Callable]:
+  """(abstract TrainState carrying shardings, the shardings, the pure train step)."""
+  from mmgen_jax import train  # the loop's own model and objective
+  parts = train.default_parts(config)
   schedule = train_state.make_schedule(config.optim, config.train.num_steps)
   tx = train_state.make_optimizer(config.optim, schedule)
-  shardings = train_state.state_shardings(abstract, tx, mesh, config.sharding_rules)
-  key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-  like = train_state.TrainState(
-      step=jax.ShapeDtypeStruct((), jnp.int32), params=params, ema_params=params,
-      opt_state=jax.eval_shape(tx.init, params), rng=key, model_state=rest)
-  state = train_state.abstract_train_state(shardings, like)
-  step = train_state.make_train_step(graphdef, loss_fn_for(config), tx, schedule,
+  state = train_state.plan_train_state(parts.model_fn, tx, mesh, config.sharding_rules,
+                                       int(config.seed))
+  step = train_state.make_train_step(state.graphdef, parts.loss_fn, tx, schedule,
                                      ema_decay=float(config.optim.ema_decay),
                                      grad_accum_steps=int(config.optim.grad_accum_steps))
-  return graphdef, state, shardings, step
+  return state.abstract, state.shardings, step
 
 
 def _bytes_per_device(tree: Any) -> int:
@@ -199,7 +183,7 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
   shape = parallel.mesh_shape(config.mesh, num_devices)
   mesh_sizes = dict(zip(parallel.MESH_AXES, shape))
   abstract_mesh = jax.sharding.AbstractMesh(shape, parallel.MESH_AXES)
-  _, state, _, step = _abstract_state(config, abstract_mesh)
+  state, _, step = _abstract_state(config, abstract_mesh)
 
   batch = int(config.data.global_batch_size)
   accum = int(config.optim.grad_accum_steps)
@@ -218,7 +202,9 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
   flops, source = analytic, 'analytic'
   abatch = abstract_batch(config, batch)
   if lower:
-    cost = jax.jit(step).lower(state, abatch).cost_analysis()
+    # Unpartitioned: the FLOPs of the whole global step, whatever the mesh.
+    bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    cost = jax.jit(step).lower(bare, abatch).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and cost.get('flops'):
       flops, source = float(cost['flops']), 'lowered'
@@ -239,7 +225,7 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
 def _compiled_memory(config, abatch) -> tuple[dict[str, int], str]:
   """XLA's per-device memory of the step compiled for the configured mesh here."""
   mesh = parallel.make_mesh(config.mesh)
-  _, state, shardings, step = _abstract_state(config, mesh)
+  state, shardings, step = _abstract_state(config, mesh)
   batch_sharding = parallel.batch_sharding(mesh, config.sharding_rules)
   abatch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
             for k, v in abatch.items()}

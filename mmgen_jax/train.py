@@ -261,7 +261,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ---- model and optimizer (created directly in their shards) -------------------------
   schedule = ts_lib.make_schedule(config.optim, num_steps)
   tx = ts_lib.make_optimizer(config.optim, schedule)
-  plan = ts_lib.plan_train_state(parts.model_fn, tx, mesh, rules, int(config.seed))
+  rng_impl = config.train.rng_impl
+  plan = ts_lib.plan_train_state(parts.model_fn, tx, mesh, rules, int(config.seed), rng_impl)
 
   # ---- checkpoint: resume or start --------------------------------------------------------
   ckpt = checkpoint_lib.Checkpointer(workdir, config)
@@ -280,9 +281,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step_fn = ts_lib.jit_train_step(
       ts_lib.make_train_step(plan.graphdef, parts.loss_fn, tx, schedule,
                              ema_decay=float(config.optim.ema_decay),
-                             grad_accum_steps=int(config.optim.grad_accum_steps)),
+                             grad_accum_steps=int(config.optim.grad_accum_steps),
+                             rng_impl=rng_impl),
       plan.shardings, parallel.batch_sharding(mesh, rules), mesh)
-  sample_key = jax.random.fold_in(jax.random.key(int(config.seed)), 2)
+  sample_key = jax.random.fold_in(jax.random.key(int(config.seed), impl=rng_impl), 2)
 
   def write_samples(step: int) -> None:
     if parts.sample_fn is None:

@@ -101,23 +101,25 @@ class StatePlan:
 
 
 def plan_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module],
-                     tx: optax.GradientTransformation, mesh: Mesh, rules: Any, seed: int
-                     ) -> StatePlan:
+                     tx: optax.GradientTransformation, mesh: Mesh, rules: Any, seed: int,
+                     rng_impl: str = 'threefry2x32') -> StatePlan:
   """Shapes and shardings of the state, and how to create it.
 
-  Parameters come from `nnx.Rngs(seed)`; the train-time key is derived from the
-  same seed, so one seed fixes the run.
+  Parameters come from `nnx.Rngs(key(seed))`; the train-time key is derived
+  from the same key, so one seed fixes the run. The key is stored as raw
+  uint32 data (`rng_impl` says how to read it) so Orbax saves it like any array.
   """
-  abstract_model = parallel.abstract_model(model_fn, seed)
+  key = jax.random.key(seed, impl=rng_impl)
+  abstract_model = parallel.abstract_model(model_fn, key)
   graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
   shardings = state_shardings(abstract_model, tx, mesh, rules)
 
   def init_fn() -> TrainState:
     with nnx.use_eager_sharding(False):  # placement comes from `shardings`
-      _, params, rest = split_model(model_fn(nnx.Rngs(seed)))
+      _, params, rest = split_model(model_fn(nnx.Rngs(key)))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                      rng=jax.random.fold_in(jax.random.key_data(jax.random.key(seed)), 1),
+                      rng=jax.random.key_data(jax.random.fold_in(key, 1)),
                       model_state=rest)
 
   shapes = jax.eval_shape(init_fn)
@@ -144,8 +146,8 @@ def _micro_batches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Arra
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, ema_decay: float, grad_accum_steps: int = 1
-                    ) -> Callable[[TrainState, Mapping[str, jax.Array]],
+                    schedule: optax.Schedule, *, ema_decay: float, grad_accum_steps: int = 1,
+                    rng_impl: str = 'threefry2x32') -> Callable[[TrainState, Mapping[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """The pure update: loss and grads (optionally accumulated), AdamW, EMA.
 
@@ -162,7 +164,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
-    rng = jax.random.fold_in(state.rng, state.step)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=rng_impl), state.step)
     if grad_accum_steps == 1:
       (_, metrics), grads = grad_fn(state.params, state.model_state, batch, rng)
     else:

@@ -47,6 +47,13 @@ class TinyModel(nnx.Module):
     return Out(images=paths.split_slots(h, CHANNELS))
 
 
+def _loss(model, batch, rng, cfg, **kw):
+  """decoupled_loss under one jit (eager op-by-op dispatch is slow on CPU)."""
+  fn = lambda b, r: decoupled.decoupled_loss(model, b, r, mods=MODS, cfg=cfg,
+                                             num_classes=NUM_CLASSES, **kw)
+  return jax.jit(fn)(batch, rng)
+
+
 def _cfg(**overrides):
   cfg = ml_collections.ConfigDict(config_schema.base_config().objective.to_dict())
   cfg.update(overrides)
@@ -54,10 +61,10 @@ def _cfg(**overrides):
 
 
 def _batch(n=8, seed=0, hw=4):
-  keys = jax.random.split(jax.random.key(seed), 5)
-  batch = {m.name: jax.random.uniform(k, (n, hw, hw, m.channels), minval=-1, maxval=1)
-           for m, k in zip(modalities.images(MODS), keys)}
-  batch['label'] = jax.random.randint(keys[4], (n,), 0, NUM_CLASSES)
+  rng = np.random.default_rng(seed)
+  batch = {m.name: jnp.asarray(rng.uniform(-1, 1, (n, hw, hw, m.channels)), jnp.float32)
+           for m in modalities.images(MODS)}
+  batch['label'] = jnp.asarray(rng.integers(0, NUM_CLASSES, (n,)), jnp.int32)
   return batch
 
 
@@ -97,15 +104,14 @@ def test_loss_is_masked_weighted_mean():
   cfg = _cfg(joint_prob=0.5, rgb_only_prob=0.25, slot_dropout_prob=0.5)
   batch = _batch(n=16)
   rng = jax.random.key(7)
-  loss, metrics = decoupled.decoupled_loss(ZeroModel(), batch, rng, mods=MODS, cfg=cfg,
-                                           num_classes=NUM_CLASSES)
+  loss, metrics = _loss(ZeroModel(), batch, rng, cfg)
   # Direct computation from the documented rng layout.
   k_modes, _, k_noise = jax.random.split(rng, 3)
-  modes = decoupled.sample_modes(k_modes, 16, 4, cfg)
+  modes = jax.jit(lambda k: decoupled.sample_modes(k, 16, 4, cfg))(k_modes)
   images = modalities.images(MODS)
-  x0 = jnp.concatenate([batch[m.name] for m in images], -1)
-  eps = jax.random.normal(k_noise, x0.shape)
-  v = paths.split_slots(eps - x0, CHANNELS)
+  x0 = np.concatenate([batch[m.name] for m in images], -1)
+  eps = np.asarray(paths.normal(k_noise, x0.shape))
+  v = np.split(eps - x0, np.cumsum(CHANNELS)[:-1], axis=-1)
   sup = np.asarray(modes['supervised'])
   total = 0.0
   for i, m in enumerate(images):
@@ -119,8 +125,7 @@ def test_loss_is_masked_weighted_mean():
 
 def test_unsupervised_modality_gives_zero_not_nan():
   cfg = _cfg(joint_prob=1.0, rgb_only_prob=1.0)
-  loss, metrics = decoupled.decoupled_loss(ZeroModel(), _batch(), jax.random.key(0), mods=MODS,
-                                           cfg=cfg, num_classes=NUM_CLASSES)
+  loss, metrics = _loss(ZeroModel(), _batch(), jax.random.key(0), cfg)
   assert float(metrics['loss/depth']) == 0.0 and float(metrics['loss/segmentation']) == 0.0
   np.testing.assert_allclose(loss, metrics['loss/rgb'], rtol=1e-6)
 
@@ -130,11 +135,10 @@ def test_other_paths_use_their_targets(path, prediction):
   cfg = _cfg(path=path, prediction=prediction, joint_prob=1.0, rgb_only_prob=0.0)
   batch = _batch()
   rng = jax.random.key(3)
-  _, metrics = decoupled.decoupled_loss(ZeroModel(), batch, rng, mods=MODS, cfg=cfg,
-                                        num_classes=NUM_CLASSES)
+  _, metrics = _loss(ZeroModel(), batch, rng, cfg)
   _, _, k_noise = jax.random.split(rng, 3)
   x0 = jnp.concatenate([batch[m.name] for m in modalities.images(MODS)], -1)
-  eps = jax.random.normal(k_noise, x0.shape)
+  eps = paths.normal(k_noise, x0.shape)
   want = eps if prediction == 'eps' else x0
   np.testing.assert_allclose(metrics['loss/rgb'], jnp.mean(want[..., :3] ** 2), rtol=1e-5)
 

@@ -36,6 +36,11 @@ def inputs(kw=SMALL, n=2, seed=0):
   return x, t, y, task
 
 
+@nnx.jit
+def forward(model, x, t, y, task):
+  return model(x, t, y, task)
+
+
 def perturb(model, scale=0.2, seed=1):
   """Replaces every parameter by random values, so zero-initialised layers carry signal."""
   params = nnx.state(model, nnx.Param)
@@ -47,8 +52,7 @@ def perturb(model, scale=0.2, seed=1):
 
 def test_zero_init_outputs_zeros():
   model = make()
-  x, t, y, task = inputs()
-  out = model(x, t, y, task)
+  out = forward(model, *inputs())
   assert [o.shape for o in out.images] == [(2, 8, 8, c) for c in SLOTS]
   assert [o.shape for o in out.logits] == [(2, 4)]
   assert [z.shape for z in out.zs] == [(2, 16, 8)]
@@ -68,20 +72,23 @@ def test_gradients_reach_every_parameter_and_head():
     terms = [jnp.mean(o ** 2) for o in out.images + out.logits + out.zs]
     return sum(w * l for w, l in zip(head_weights, terms))
 
+  grad_fn = nnx.jit(nnx.grad(loss))
   num_outputs = len(SLOTS) + 1 + 1
-  grads = nnx.grad(loss)(model, jnp.ones(num_outputs))
+  grads = grad_fn(model, jnp.ones(num_outputs))
   for path, g in nnx.to_flat_state(grads):
     assert float(jnp.abs(g.get_value()).max()) > 0, f'no gradient reaches {path}'
-  # Each output alone reaches its own head and the shared trunk.
+  # Each output alone reaches its own head and the trunk below it (REPA reads block 0).
   heads = [('final_layers', m) for m in range(len(SLOTS))] + [('class_heads', 0),
                                                                ('projectors', 0)]
   for i, head in enumerate(heads):
-    g = dict(nnx.to_flat_state(nnx.grad(loss)(model, jnp.eye(num_outputs)[i])))
+    g = dict(nnx.to_flat_state(grad_fn(model, jnp.eye(num_outputs)[i])))
     for path, v in g.items():
       norm = float(jnp.abs(v.get_value()).max())
-      if path[:2] == head or path[0] in ('x_embedder', 'blocks'):
+      trunk = path[0] == 'x_embedder' or path[:2] == ('blocks', 0) or (
+          path[0] == 'blocks' and head[0] != 'projectors')
+      if path[:2] == head or trunk:
         assert norm > 0, f'output {head} gives no gradient to {path}'
-      elif path[0] in ('final_layers', 'class_heads', 'projectors'):
+      elif path[0] in ('final_layers', 'class_heads', 'projectors', 'blocks'):
         assert norm == 0, f'output {head} leaks gradient into {path}'
 
 
@@ -91,7 +98,7 @@ def test_bf16_compute_is_finite_and_close_to_f32():
   bf16 = make(dtype=jnp.bfloat16)
   nnx.update(bf16, nnx.state(f32, nnx.Param))
   args = inputs()
-  ref, out = f32(*args), bf16(*args)
+  ref, out = forward(f32, *args), forward(bf16, *args)
   for r, o in zip(ref.images + ref.logits + ref.zs, out.images + out.logits + out.zs):
     assert o.dtype == jnp.float32 and bool(jnp.isfinite(o).all())
     assert float(jnp.abs(o - r).max()) <= 0.05 * float(jnp.abs(r).max())
@@ -103,9 +110,9 @@ def test_time_per_slot_equals_time_per_channel():
   perturb(model)
   x, t, y, task = inputs()
   per_channel = jnp.repeat(t, np.array(SLOTS), axis=1, total_repeat_length=sum(SLOTS))
-  a, b = model(x, t, y, task), model(x, per_channel, y, task)
-  for i, j in zip(a.images, b.images):
-    np.testing.assert_allclose(i, j, rtol=1e-5, atol=1e-6)
+  a, b = forward(model, x, t, y, task), forward(model, x, per_channel, y, task)
+  for i, j in zip(a.images, b.images):  # equal up to rounding of the channel means
+    assert float(jnp.abs(i - j).max()) <= 1e-5 * float(jnp.abs(j).max())
   # (N,) = the same time in every slot.
   np.testing.assert_allclose(
       model.t_embedder(t[:, 0]), model.t_embedder(jnp.repeat(t[:, :1], len(SLOTS), 1)),
@@ -159,14 +166,16 @@ def test_sharded_build_and_forward_match_unsharded():
       'fsdp', None, 'tensor', None)
   assert sharded.blocks[0].mlp.fc2.kernel.get_value().sharding.spec == P('tensor', 'fsdp')
   perturb(plain)
-  nnx.update(sharded, jax.tree.map(lambda new, old: jax.device_put(new, old.sharding),
-                                   nnx.state(plain, nnx.Param), nnx.state(sharded, nnx.Param)))
+  values = dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))
+  nnx.update(sharded, nnx.from_flat_state([
+      (path, var.replace(jax.device_put(values[path].get_value(), var.get_value().sharding)))
+      for path, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param))]))
   kw = build.model_kwargs(config)
   x, t, y, task = inputs(kw, n=8)
   with jax.set_mesh(mesh):
     x = jax.device_put(x, NamedSharding(mesh, P(('data', 'fsdp'))))
-    out = nnx.jit(lambda m, *a: m(*a).images)(sharded, x, t, y, task)
-  ref = plain(x, t, y, task).images
+    out = forward(sharded, x, t, y, task).images
+  ref = forward(plain, x, t, y, task).images
   for o, r in zip(out, ref):
     np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-5)
 
@@ -204,9 +213,9 @@ def test_remat_gives_the_same_gradients():
   perturb(plain)
   nnx.update(remat, nnx.state(plain, nnx.Param))
   args = inputs()
-  loss = lambda m: jnp.mean(m(*args).images[0] ** 2)
-  g1 = jax.tree.leaves(nnx.grad(loss)(plain))
-  g2 = jax.tree.leaves(nnx.grad(loss)(remat))
+  grad_fn = nnx.jit(nnx.grad(lambda m: jnp.mean(m(*args).images[0] ** 2)))
+  g1 = jax.tree.leaves(grad_fn(plain))
+  g2 = jax.tree.leaves(grad_fn(remat))
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 

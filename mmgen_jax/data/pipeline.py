@@ -40,11 +40,12 @@ import grain
 import jax
 import numpy as np
 import PIL.Image
+import tensorflow_datasets as tfds
 
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax import parallel
 from mmgen_jax.data import palettes
-from mmgen_jax.data import tfds_scenes  # noqa: F401  (registers the mmgen_scenes builder)
+from mmgen_jax.data import tfds_scenes  # also registers the mmgen_scenes builder
 
 Modality = modalities_lib.Modality
 Example = dict[str, Any]
@@ -78,12 +79,13 @@ _SKIPPED_KEY = '_skipped'  # batch entry carrying the skip reasons to the main p
 class PipelineStats:
   """Counts the records skipped by a pipeline (config.data.on_bad_record='skip').
 
-  Every skip is logged as a warning naming the record; `summary()` gives the
-  totals, to be logged periodically and at the end of a run.
+  Every skip is logged as a warning naming the record, the totals every
+  `log_every` batches while there are skips, and `log()` at the end of a run.
   """
 
-  def __init__(self, name: str = 'data'):
+  def __init__(self, name: str = 'data', log_every: int = 1000):
     self.name = name
+    self.log_every = log_every
     self.batches = 0
     self.skipped = 0
     self.reasons: list[str] = []  # the first few, for the summary
@@ -98,6 +100,8 @@ class PipelineStats:
       self.reasons.extend(reasons[:max(0, 10 - len(self.reasons))])
     for r in reasons:
       logging.warning('%s: skipped %s (%d skipped so far).', self.name, r, self.skipped)
+    if self.skipped and self.batches % self.log_every == 0:
+      self.log()
     return batch
 
   def summary(self) -> str:
@@ -118,12 +122,14 @@ def make_source(config: Any, split: str) -> Sequence[Mapping[str, Any]]:
   Image features are not decoded by TFDS so that `decode_record` can name a
   record whose PNG is corrupt instead of failing inside TFDS.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   d = config.data
   name = f'{d.name}/{d.builder_config}'
   data_dir = d.data_dir or None
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.data_path.exists():
+  if d.name == tfds_scenes.NAME:  # also knows the custom res{R}_n{train}_{val} configs
+    builder = tfds_scenes.make_builder(d.builder_config, data_dir)
+  else:
+    builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
     raise FileNotFoundError(
         f'dataset {name} is not built under {builder.data_dir_root}; build it with '
         f'`python -m mmgen_jax.data.build --config={d.builder_config}'
@@ -181,7 +187,7 @@ def _decode_image(value: Any, bad) -> np.ndarray:
   if isinstance(value, (bytes, np.bytes_)):
     try:
       with PIL.Image.open(io.BytesIO(value)) as im:
-        return np.asarray(im.convert('RGB'))
+        return np.asarray(im)  # no mode conversion: a grey or RGBA image fails the shape check
     except Exception as e:  # pylint: disable=broad-except
       raise bad(f'undecodable image ({len(value)} bytes): {e}') from None
   return np.asarray(value)
@@ -554,7 +560,8 @@ def make_dataset(config: Any, split: str, *, train: bool, process_index: int | N
         crop_min_scale=float(d.augment.crop_min_scale)), seed=aug_seed)
   ds = ds.map(functools.partial(_normalise_stage, mods=mods))
 
-  it = _FullBatches(ds.to_iter_dataset(), batch_size, evaluation=not train)
+  read = grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.read_buffer_size)
+  it = _FullBatches(ds.to_iter_dataset(read), batch_size, evaluation=not train)
   if d.worker_count > 0 and not flags.FLAGS.is_parsed():
     # Grain's workers read absl flags; outside an absl app (tests, notebooks) use defaults.
     flags.FLAGS.mark_as_parsed()

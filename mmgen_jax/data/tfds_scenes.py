@@ -181,10 +181,11 @@ def get_config(name: str) -> ScenesConfig:
                    f'{[c.name for c in BUILDER_CONFIGS]} or res{{R}}_n{{train}}_{{val}}.')
 
 
-def make_builder(config: str | ScenesConfig, data_dir: str) -> MmgenScenes:
-  """The builder of `config` (a name or a ScenesConfig) under `data_dir`, writing ArrayRecord."""
+def make_builder(config: str | ScenesConfig, data_dir: str | None) -> MmgenScenes:
+  """The builder of `config` (a name or a ScenesConfig) under `data_dir` (None: TFDS default)."""
   config = get_config(config) if isinstance(config, str) else config
-  return MmgenScenes(config=config, data_dir=os.fspath(data_dir), file_format=FILE_FORMAT)
+  data_dir = None if data_dir is None else os.fspath(data_dir)
+  return MmgenScenes(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
 
 
 def build(config: str | ScenesConfig, data_dir: str, *, render_workers: int = 0,

@@ -63,20 +63,19 @@ def sample_modes(rng, n: int, num_image: int, cfg) -> dict[str, jax.Array]:
   Returns t (n, M) per-slot times, task (n,) int32, joint (n,) bool and
   supervised (n, M) float32 (1 where the slot's loss counts).
   """
-  k_joint, k_slot, k_t, k_tc, k_rgb, k_drop = jax.random.split(rng, 6)
   M = num_image
+  # One uniform draw for everything (each separate draw is compiled separately).
+  u = jax.random.uniform(rng, (n, 5 + M))
   # With one image modality there is nothing to condition on: all joint.
-  joint = jax.random.uniform(k_joint, (n,)) < (cfg.joint_prob if M > 1 else 1.0)
-  cond = jax.random.randint(k_slot, (n,), 0, M)
+  joint = u[:, 0] < (cfg.joint_prob if M > 1 else 1.0)
+  cond = jnp.minimum(jnp.floor(u[:, 1] * M), M - 1).astype(jnp.int32)
   is_cond = (jnp.arange(M)[None, :] == cond[:, None]) & ~joint[:, None]
-  t_shared = jax.random.uniform(k_t, (n, 1))
-  t_cond = cfg.cond_t_max * jax.random.uniform(k_tc, (n, 1))
-  t = jnp.where(is_cond, t_cond, t_shared)
+  t = jnp.where(is_cond, cfg.cond_t_max * u[:, 3:4], u[:, 2:3])
   task = jnp.where(joint, 0, cond + 1).astype(jnp.int32)
 
   p_rgb_only = cfg.rgb_only_prob / cfg.joint_prob if cfg.joint_prob > 0 else 0.0
-  rgb_only = joint & (jax.random.uniform(k_rgb, (n,)) < p_rgb_only)
-  dropped = jax.random.uniform(k_drop, (n, M)) < cfg.slot_dropout_prob
+  rgb_only = joint & (u[:, 4] < p_rgb_only)
+  dropped = u[:, 5:] < cfg.slot_dropout_prob
   non_rgb = jnp.arange(M)[None, :] > 0
   unsupervised = is_cond | (non_rgb & (rgb_only[:, None] | dropped))
   return dict(t=t, task=task, joint=joint, supervised=(~unsupervised).astype(jnp.float32))
@@ -117,7 +116,7 @@ def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *, mods: Sequence
   modes = sample_modes(k_modes, n, len(images), cfg)
   y = drop_labels(k_label, batch['label'], class_dropout_prob, num_classes)
 
-  eps = jax.random.normal(k_noise, x0.shape, x0.dtype)
+  eps = paths.normal(k_noise, x0.shape, x0.dtype)
   t_ch = paths.slot_times_to_channels(modes['t'], channels)
   x_t = paths.interpolate(cfg.path, x0, eps, t_ch)
   out = model(x_t, modes['t'], y, task=modes['task'])

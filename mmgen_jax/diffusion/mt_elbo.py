@@ -259,7 +259,7 @@ def mt_elbo_loss(model: mt_encoders.MTDiffusion, batch: Mapping[str, jax.Array],
     batch[cfg.masked_modality] = masked_image(k_mask, batch[cfg.masked_modality])[0]
 
   t = jax.random.randint(k_t, (n,), 1, sched.num_timesteps + 1)
-  eps = jax.random.normal(k_eps, z0.shape, z0.dtype)
+  eps = paths.normal(k_eps, z0.shape, z0.dtype)
   present, observed = aux_states(k_state, n, names, cfg, batch)
   encoded = mt_encoders.encode_all(model, batch)
   encodings = [encoded[m] for m in names]
@@ -366,7 +366,7 @@ def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib
     eps = paths.vp_convert(zeta, out.images[0].astype(jnp.float32), ab, cfg.prediction, 'eps')
     z0 = sched.z0_from_eps(z, eps, E_hat, t_vec)
     mean, var = sched.posterior_mean_var(z, z0, E_hat, t_vec, jnp.full((num,), s))
-    z = mean + jnp.sqrt(var) * jax.random.normal(key, z.shape)
+    z = mean + jnp.sqrt(var) * paths.normal(key, z.shape)
     return (z, {k: decoded[k].astype(jnp.float32) for k in generate}), None
 
   # The decoder outputs are carried (not stacked) so memory does not grow with T.
@@ -376,7 +376,7 @@ def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib
       last[name] = jnp.zeros((num, modalities_lib.by_name(mods, name).channels))
     else:
       last[name] = jnp.zeros((num, *model.spatial, model.aux_channels[name]))
-  z = jax.random.normal(k_init, shape)
+  z = paths.normal(k_init, shape)
   keys = jax.random.split(k_steps, len(ts) - 1)
   (z, last), _ = jax.lax.scan(step, (z, last), (jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]), keys))
   result = {model.primary: z, **{k: jnp.asarray(v) for k, v in observed.items()}}

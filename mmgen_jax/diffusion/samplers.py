@@ -90,7 +90,7 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
   cond_ch = jnp.asarray(np.repeat(cond_slots, ch))
 
   k_init, k_cond, k_sde = jax.random.split(rng, 3)
-  x = jax.random.normal(k_init, (n, h, w, sum(ch)))
+  x = paths.normal(k_init, (n, h, w, sum(ch)))
   if cond_name is not None:
     slot = names.index(cond_name)
     c = jnp.asarray(condition[cond_name], jnp.float32)
@@ -98,7 +98,7 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
       raise ValueError(f'condition[{cond_name!r}] has shape {c.shape}; expected '
                        f'{(n, h, w, ch[slot])}.')
     start = sum(ch[:slot])
-    noisy = paths.interpolate(path, c, jax.random.normal(k_cond, c.shape), t_cond)
+    noisy = paths.interpolate(path, c, paths.normal(k_cond, c.shape), t_cond)
     x = x.at[..., start:start + ch[slot]].set(noisy)
 
   guided = cfg_scale != 1.0
@@ -138,7 +138,7 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
     var = sigma * sigma - ratio * d_sigma * sigma  # = t on the linear path
     score = (ratio * v - x) / var
     mean = x + dt * (v - var * score)
-    noise = jax.random.normal(jax.random.fold_in(k_sde, i), x.shape)
+    noise = paths.normal(jax.random.fold_in(k_sde, i), x.shape)
     noise = jnp.where(cond_ch, 0.0, noise)
     return mean + jnp.sqrt(2.0 * var * jnp.abs(dt)) * noise
 

@@ -18,6 +18,7 @@ auxiliary class modality). See docs/mt_elbo.md for the derivation.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 from flax import nnx
@@ -79,7 +80,8 @@ class ClassEncoder(nnx.Module):
   def __init__(self, num_classes: int, spatial: tuple[int, int], out_channels: int, *,
                rngs: nnx.Rngs):
     shape = (num_classes, *spatial, out_channels)
-    self.maps = nnx.Param(jax.random.normal(rngs.params(), shape))
+    # Drawn flat: XLA:CPU compiles N-d threefry draws far slower than 1-d ones.
+    self.maps = nnx.Param(jax.random.normal(rngs.params(), (math.prod(shape),)).reshape(shape))
 
   def normalized_maps(self):
     return rms_normalize(self.maps[...])

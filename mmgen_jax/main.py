@@ -1,0 +1,173 @@
+r"""The command line: one config, one workdir, one mode.
+
+  python -m mmgen_jax.main --config=configs/tiny_cpu.py --workdir=/tmp/mmgen/tiny \
+      [--config.model.depth=2 ...] [--mode=all]
+
+Modes:
+  data      build the configured dataset if it is missing, print a few batches
+  train     train (resuming from <workdir>/checkpoints), grids and checkpoints on the way
+  sample    sample grids from the latest checkpoint into <workdir>/samples
+  evaluate  the evaluation job on the latest checkpoint
+  plan      parameters, FLOPs per step, memory per device; nothing is allocated.
+            --plan_devices=32 --plan_device_memory_gb=95 plans for a machine you
+            are not on (compiled against as many fake CPU devices)
+  all       data -> train (grids at the last step) -> evaluate (the default)
+
+Data is read from (and built into) config.data.data_dir; when that is empty,
+TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets. Several processes
+join one job through $MMGEN_COORDINATOR / $MMGEN_NUM_PROCESSES /
+$MMGEN_PROCESS_ID, or JAX's own detection on TPU VMs, SLURM and Kubernetes
+(see launch/README.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from mmgen_jax import config_validation
+from mmgen_jax import parallel
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               'configs', 'tiny_cpu.py')
+_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and samples go here.')
+_MODE = flags.DEFINE_enum('mode', 'all', ['train', 'evaluate', 'sample', 'plan', 'data', 'all'],
+                          'What to run.')
+_DATA_BATCHES = flags.DEFINE_integer('data_batches', 2, '--mode=data: batches to print.')
+_RENDER_WORKERS = flags.DEFINE_integer('render_workers', 2, 'Processes rendering the scenes.')
+_PLAN_DEVICES = flags.DEFINE_integer('plan_devices', None,
+                                     '--mode=plan: target device count (default: this job\'s).')
+_PLAN_MEMORY = flags.DEFINE_float('plan_device_memory_gb', None,
+                                  '--mode=plan: memory per device in GiB, to say if it fits.')
+_PLAN_COMPILE = flags.DEFINE_bool('plan_compile', True,
+                                  '--mode=plan: also compile the step for XLA\'s memory analysis '
+                                  '(minutes for large models on CPU); false = analytic + lowered.')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config, mode = _CONFIG.value, _MODE.value
+  if mode == 'plan':
+    return run_plan(config)
+  parallel.initialize_distributed()
+  config_validation.validate(config)
+  logging.info('%s', config_validation.describe(config))
+  workdir = _WORKDIR.value
+  if mode != 'data' and not workdir:
+    raise app.UsageError(f'--mode={mode} needs --workdir.')
+  if mode in ('data', 'all'):
+    ensure_data(config)
+  if mode == 'data':
+    print_batches(config, _DATA_BATCHES.value)
+  if mode in ('train', 'all'):
+    from mmgen_jax import train  # pylint: disable=g-import-not-at-top
+    metrics = train.train_and_evaluate(config, workdir)  # writes grids at the last step
+    logging.info('Training done at step %s: loss %s.', metrics.get('step'), metrics.get('loss'))
+  if mode == 'sample':
+    write_samples(config, workdir)
+  if mode == 'evaluate' or (mode == 'all' and importlib.util.find_spec('mmgen_jax.evaluate')):
+    from mmgen_jax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.evaluate(config, workdir)
+
+
+def run_plan(config) -> None:
+  """--mode=plan: on this job's devices, or on `--plan_devices` fake CPU devices."""
+  from mmgen_jax import plan  # pylint: disable=g-import-not-at-top
+  devices, compile_ = _PLAN_DEVICES.value, _PLAN_COMPILE.value
+  if devices and compile_:
+    # Before the first JAX call: the step is compiled for `devices` CPU devices.
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', devices)
+  p = plan.make_plan(config, num_devices=devices, device_memory_gb=_PLAN_MEMORY.value,
+                     compile=compile_)
+  print(plan.format_plan(p))
+
+
+def write_samples(config, workdir: str) -> None:
+  """Sample grids (PNG) from the latest checkpoint into <workdir>/samples."""
+  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import checkpoint, train, train_state, visualize
+  parts = train.default_parts(config)
+  mesh = parallel.make_mesh(config.mesh)
+  tx = train_state.make_optimizer(
+      config.optim, train_state.make_schedule(config.optim, config.train.num_steps))
+  plan = train_state.plan_train_state(parts.model_fn, tx, mesh, config.sharding_rules,
+                                      int(config.seed))
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  restored = ckpt.restore_latest(plan.abstract, None)
+  ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first '
+                            '(--mode=train).')
+  state, step = restored
+  params = state.ema_params if config.sample.use_ema else state.params
+  with jax.set_mesh(mesh):
+    model = train_state.merge_model(plan.graphdef, params, state.model_state)
+    grids = parts.sample_fn(model, jax.random.fold_in(jax.random.key(int(config.seed)), step))
+  if jax.process_index() == 0:
+    for name, grid in grids.items():
+      path = os.path.join(workdir, 'samples', f'checkpoint_{step:06d}_{name}.png')
+      visualize.save_png(path, grid)
+      print(path)
+
+
+# ---- data -----------------------------------------------------------------------------
+
+
+def ensure_data(config) -> None:
+  """Builds the procedural scenes if missing; other datasets must already exist.
+
+  Process 0 builds first; a process that still does not see the data after it
+  (a host-local data_dir) builds its own copy, the same records by seed.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.data import tfds_scenes  # pylint: disable=g-import-not-at-top
+  d = config.data
+  data_dir = d.data_dir or None
+  if d.name != tfds_scenes.NAME:
+    name = f'{d.name}/{d.builder_config}' if d.builder_config else d.name
+    if not tfds.builder(name, data_dir=data_dir).is_prepared():
+      raise FileNotFoundError(
+          f'dataset {name} is not built in {data_dir or "the TFDS default data dir"} '
+          f'(config.data.name / builder_config / data_dir). Only {tfds_scenes.NAME} is built '
+          'here; build this one with its own TFDS builder first (see its config file).')
+    return
+
+  def build_here() -> None:
+    builder = tfds_scenes.make_builder(d.builder_config, data_dir)
+    if builder.is_prepared():
+      logging.info('Dataset %s/%s found in %s.', d.name, d.builder_config, builder.data_dir)
+      return
+    logging.info('Building %s/%s in %s.', d.name, d.builder_config, builder.data_dir_root)
+    tfds_scenes.build(d.builder_config, data_dir, render_workers=_RENDER_WORKERS.value,
+                      show_progress=jax.process_index() == 0)
+
+  if jax.process_index() == 0:
+    build_here()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('mmgen_data_built')
+    if jax.process_index() != 0:
+      build_here()
+
+
+def print_batches(config, num_batches: int) -> None:
+  """Prints what the training pipeline yields (this process's share of each batch)."""
+  from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  it = pipeline.make_iterator(config, config.data.train_split, train=True)
+  for i in range(num_batches):
+    print(f'batch {i} ({config.data.train_split}, process {jax.process_index()}):')
+    print(pipeline.summarize(next(it)))
+
+
+if __name__ == '__main__':
+  app.run(main)
