@@ -10,9 +10,11 @@ warm-up batches (worker start-up, first reads) and times the next ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -60,7 +62,8 @@ def main(argv: list[str]) -> None:
     if data_dir is None:
       data_dir = tmp
       start = time.perf_counter()
-      tfds_scenes.build(_BUILDER_CONFIG.value, data_dir, render_workers=2)
+      with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is the JSON
+        tfds_scenes.build(_BUILDER_CONFIG.value, data_dir, render_workers=2)
       build_s = round(time.perf_counter() - start, 1)
     config = config_schema.base_config()
     config.data.builder_config = _BUILDER_CONFIG.value
@@ -69,6 +72,7 @@ def main(argv: list[str]) -> None:
     config.data.global_batch_size = _BATCH.value
     config.data.augment.hflip = True
     config.data.augment.crop_min_scale = _CROP.value
+    load_before = os.getloadavg()[0]
     results = [measure(config, int(w)) for w in _WORKERS.value]
   print(json.dumps({
       'benchmark': 'data_throughput',
@@ -81,6 +85,8 @@ def main(argv: list[str]) -> None:
       'read_threads': config.data.read_threads,
       'build_s': build_s,
       'cpu_count': os.cpu_count(),
+      # Other jobs on the machine slow every figure down: report how busy it was.
+      'load_average_1min': [round(load_before, 2), round(os.getloadavg()[0], 2)],
       'machine': platform.machine(),
       'results': results,
   }, indent=2))

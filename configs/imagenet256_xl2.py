@@ -33,6 +33,7 @@ from mmgen_jax import modalities
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg  # no variants
   c = config_schema.base_config()
+  c.lock()  # a typo below is refused, naming the valid keys
 
   # MMGen's loss is one MSE over the concatenated latents: each modality weighs
   # the same (4 channels each).

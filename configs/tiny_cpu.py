@@ -16,6 +16,7 @@ from mmgen_jax import config_schema
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg  # no variants
   c = config_schema.base_config()
+  c.lock()  # a typo below is refused, naming the valid keys
 
   c.data.builder_config = 'res32_small'  # 2,000 train / 200 validation scenes
   c.data.resolution = 32

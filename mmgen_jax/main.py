@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -36,8 +37,39 @@ from mmgen_jax import parallel
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                'configs', 'tiny_cpu.py')
-_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Experiment config file.',
-                                          lock_config=True)
+
+
+def unknown_override(argv: list[str], schema) -> str | None:
+  """Names the first `--config.a.b=v` whose path is not in `schema`, with the valid keys."""
+  for arg in argv[1:]:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.'):].split('=', 1)[0].split('.')
+    node, seen = schema, 'config'
+    for key in path:
+      if not hasattr(node, 'keys'):
+        break  # a leaf value; the flag parser reports what is wrong with it
+      if key not in node:
+        return (f'{arg.split("=", 1)[0]}: {seen} has no key {key!r}; valid keys: '
+                f'{sorted(node.keys())}.')
+      node, seen = node[key], f'{seen}.{key}'
+  return None
+
+
+def _define_config_flag():
+  """--config and its --config.a.b=value overrides (registered from sys.argv right here)."""
+  try:
+    return config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Experiment config file.',
+                                           lock_config=True)
+  except (AttributeError, KeyError) as e:  # a misspelt override; say which and what is valid
+    from mmgen_jax import config_schema  # pylint: disable=g-import-not-at-top
+    message = unknown_override(sys.argv, config_schema.base_config())
+    if message is None:
+      raise
+    raise SystemExit(f'FATAL config override {message}') from e
+
+
+_CONFIG = _define_config_flag()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and samples go here.')
 _MODE = flags.DEFINE_enum('mode', 'all', ['train', 'evaluate', 'sample', 'plan', 'data', 'all'],
                           'What to run.')

@@ -16,7 +16,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from flax import nnx
 from flax import traverse_util
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -182,6 +184,13 @@ def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
     for shard in getattr(leaf, 'addressable_shards', ()):
       out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
   return out
+
+
+def to_host(x: Any) -> np.ndarray:
+  """An array as numpy on every process, gathering it if it spans processes."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 # ---- multi-host ---------------------------------------------------------------------

@@ -99,7 +99,7 @@ def make_sample_fn(config: ml_collections.ConfigDict
     return cache['batch']
 
   def rows(arrays: Mapping[str, Any], prefix: str = '') -> dict[str, np.ndarray]:
-    return {prefix + m.name: visualize.modality_to_rgb(_to_host(arrays[m.name]), m.encoding,
+    return {prefix + m.name: visualize.modality_to_rgb(parallel.to_host(arrays[m.name]), m.encoding,
                                                        m.palette)
             for m in images if m.name in arrays}
 
@@ -130,13 +130,6 @@ def make_sample_fn(config: ml_collections.ConfigDict
     return {'joint': visualize.make_grid(rows(out))}
 
   return sample_mt if config.objective.name == 'mt_elbo' else sample_decoupled
-
-
-def _to_host(x: Any) -> np.ndarray:
-  """A (possibly multi-process) array as numpy on every process."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
 
 
 # ---- stopping on SIGTERM / SIGINT --------------------------------------------------------

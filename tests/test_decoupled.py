@@ -37,7 +37,7 @@ class TinyModel(nnx.Module):
 
   def __init__(self, rngs):
     c = sum(CHANNELS)
-    self.conv = nnx.Conv(c, c, (1, 1), rngs=rngs)
+    self.conv = nnx.Linear(c, c, rngs=rngs)  # a 1x1 convolution on NHWC
     self.t_proj = nnx.Linear(len(CHANNELS), c, rngs=rngs)
     self.y_emb = nnx.Embed(NUM_CLASSES + 1, c, rngs=rngs)
     self.task_emb = nnx.Embed(len(CHANNELS) + 1, c, rngs=rngs)

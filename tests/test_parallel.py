@@ -116,8 +116,8 @@ def test_losses_do_not_depend_on_the_mesh():
     mesh = parallel.make_mesh(_mesh_cfg(*shape))
     losses, state = _losses(mesh, config, init)
     np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=f'mesh {shape}')
-    np.testing.assert_allclose(jax.device_get(state.params['mid']['kernel']),
-                               jax.device_get(ref_state.params['mid']['kernel']),
+    np.testing.assert_allclose(jax.device_get(state.params['up']['kernel']),
+                               jax.device_get(ref_state.params['up']['kernel']),
                                rtol=1e-4, atol=1e-6, err_msg=f'mesh {shape}')
 
 
@@ -126,13 +126,13 @@ def test_full_fsdp_puts_an_eighth_of_the_state_on_each_device():
   mesh = parallel.make_mesh(_mesh_cfg(1, 8, 1))
   plan, _ = _setup(mesh, config)
   state = plan.init()  # created sharded: jit with out_shardings, no full copy anywhere
-  assert state.params['mid']['kernel'].sharding.spec == P('fsdp', 'tensor')
-  assert state.opt_state[1][0].mu['mid']['kernel'].sharding.spec == P('fsdp', 'tensor')
+  assert state.params['up']['kernel'].sharding.spec == P('fsdp', 'tensor')
+  assert state.opt_state[1][0].mu['up']['kernel'].sharding.spec == P('fsdp', 'tensor')
   trees = (state.params, state.ema_params, state.opt_state)
   total = sum(x.nbytes for x in jax.tree.leaves(trees))
   per_device = parallel.bytes_per_device(trees)
   assert len(per_device) == 8
-  # Only the small replicated leaves (e.g. the 4-wide output bias, Adam's count) are
+  # Only the small replicated leaves (biases of 'mlp' and 'channels' axes, Adam's count) are
   # held in full on every device.
   for device, nbytes in per_device.items():
     assert total / 8 <= nbytes < 1.02 * total / 8, (device, nbytes, total)

@@ -375,3 +375,4 @@ def test_decode_record_accepts_arrays_and_png(records, mods):
   r['rgb'] = rgb
   with pytest.raises(pipeline.BadRecordError, match="field 'rgb': wrong shape"):
     pipeline.decode_record(r, mods, split='train', index=0, num_classes=4, resolution=64)
+

@@ -9,7 +9,8 @@ Run as a script it trains one process of a (possibly multi-process) job and
 prints the per-step losses as JSON (used by the multi-process and preemption
 tests):
 
-  python tests/tiny_task.py --workdir DIR --num_steps N [--mesh 2,2,1]
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/tiny_task.py \
+      --workdir DIR --num_steps N [--mesh=-1,2,1] \
       [--coordinator 127.0.0.1:PORT --num_processes 2 --process_id 0]
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any, Mapping
 
@@ -67,26 +69,26 @@ def make_model_fn(config):
     return nnx.with_partitioning(init, names)
 
   class TinyDenoiser(nnx.Module):
-    """v(x_t, t, y) per pixel: [x_t, t] -> hidden (+ class embedding) -> hidden -> v."""
+    """v(x_t, t, y) per pixel: [x_t, t] -> width (+ class embedding) -> MLP block -> v."""
 
-    def __init__(self, channels: int, hidden: int, num_classes: int, *, rngs: nnx.Rngs):
+    def __init__(self, channels: int, width: int, num_classes: int, *, rngs: nnx.Rngs):
       lecun, zeros = nnx.initializers.lecun_normal(), nnx.initializers.zeros_init()
-      self.inp = nnx.Linear(channels + 1, hidden, rngs=rngs,
-                            kernel_init=part(lecun, ('channels', 'embed')),
-                            bias_init=part(zeros, ('embed',)))
-      self.label = nnx.Embed(num_classes, hidden, rngs=rngs,
+      def dense(n_in, n_out, names):
+        return nnx.Linear(n_in, n_out, rngs=rngs, kernel_init=part(lecun, names),
+                          bias_init=part(zeros, names[1:]))
+      self.inp = dense(channels + 1, width, ('channels', 'embed'))
+      self.label = nnx.Embed(num_classes, width, rngs=rngs,
                              embedding_init=part(nnx.initializers.normal(0.02), ('vocab', 'embed')))
-      self.mid = nnx.Linear(hidden, hidden, rngs=rngs, kernel_init=part(lecun, ('embed', 'mlp')),
-                            bias_init=part(zeros, ('mlp',)))
-      self.out = nnx.Linear(hidden, channels, rngs=rngs, kernel_init=part(lecun, ('mlp', 'channels')),
-                            bias_init=part(zeros, ('channels',)))
+      self.up = dense(width, 2 * width, ('embed', 'mlp'))
+      self.down = dense(2 * width, width, ('mlp', 'embed'))
+      self.out = dense(width, channels, ('embed', 'channels'))
 
     def __call__(self, x, t, y):
       n, h, w, _ = x.shape
       tt = jnp.broadcast_to(t[:, None, None, None], (n, h, w, 1))
       z = self.inp(jnp.concatenate([x, tt], -1)) + self.label(y)[:, None, None, :]
-      z = self.mid(nnx.gelu(z))
-      return self.out(nnx.gelu(z))
+      z = z + self.down(nnx.gelu(self.up(nnx.gelu(z))))
+      return self.out(z)
 
   channels = sum(CHANNELS.values())
   return lambda rngs: TinyDenoiser(channels, int(config.model.hidden_size), NUM_CLASSES, rngs=rngs)
@@ -139,8 +141,8 @@ def make_data_iter(config, process_index: int, process_count: int, nan_at_step: 
 
 def sample_fn(model, rng) -> dict[str, np.ndarray]:
   """Two Euler steps from noise for four labels; one grid row per modality."""
-  from mmgen_jax import visualize  # pylint: disable=g-import-not-at-top
-  x = np.asarray(_euler(model, rng))
+  from mmgen_jax import parallel, visualize  # pylint: disable=g-import-not-at-top
+  x = parallel.to_host(_euler(model, rng))
   return {'joint': visualize.make_grid({'rgb': visualize.modality_to_rgb(x[..., :3], 'rgb'),
                                         'depth': visualize.modality_to_rgb(x[..., 3:], 'depth')})}
 
@@ -160,13 +162,24 @@ def _euler(model, rng):
   return run(model, rng)
 
 
-def make_parts(config, nan_at_step: int = -1):
+def make_parts(config, nan_at_step: int = -1, sigterm_at_step: int = -1):
+  """The loop's parts; `sigterm_at_step` sends SIGTERM to this process while that
+  step's batch is being placed on the devices (a preemption notice mid-step).
+  (Grain reads ahead, so the data pipeline itself cannot time it.)"""
   from mmgen_jax import train  # pylint: disable=g-import-not-at-top
   from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def to_global_batch(batch, mesh, rules):
+    calls.append(None)
+    if len(calls) == sigterm_at_step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return pipeline.to_global_batch(batch, mesh, rules)
+
   return train.Parts(
       model_fn=make_model_fn(config), loss_fn=loss_fn,
       make_data_iter=lambda p, n: make_data_iter(config, p, n, nan_at_step),
-      to_global_batch=pipeline.to_global_batch, sample_fn=sample_fn)
+      to_global_batch=to_global_batch, sample_fn=sample_fn)
 
 
 def main(argv=None) -> None:
@@ -175,14 +188,10 @@ def main(argv=None) -> None:
   ap.add_argument('--num_steps', type=int, default=4)
   ap.add_argument('--mesh', default='-1,1,1')
   ap.add_argument('--checkpoint_every', type=int, default=1000)
-  ap.add_argument('--devices', type=int, default=0, help='fake CPU devices (0 = leave as is)')
   ap.add_argument('--coordinator', default=None)
   ap.add_argument('--num_processes', type=int, default=None)
   ap.add_argument('--process_id', type=int, default=None)
   args = ap.parse_args(argv)
-  if args.devices:  # before JAX starts
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               f' --xla_force_host_platform_device_count={args.devices}')
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax  # pylint: disable=g-import-not-at-top

@@ -316,13 +316,13 @@ def _axis_samples(start: int, length: int, out: int) -> tuple[np.ndarray, ...]:
 
 
 def _bilinear(x: np.ndarray, ys, xs) -> np.ndarray:
+  """Separable: interpolate rows, then columns."""
   (y0, y1, wy, _), (x0, x1, wx, _) = ys, xs
   x = x.astype(np.float32)
-  wy = wy.reshape((-1, 1) + (1,) * (x.ndim - 2))
+  wy = wy.reshape((-1,) + (1,) * (x.ndim - 1))
+  rows = x[y0] + (x[y1] - x[y0]) * wy
   wx = wx.reshape((1, -1) + (1,) * (x.ndim - 2))
-  top = x[y0][:, x0] * (1 - wx) + x[y0][:, x1] * wx
-  bottom = x[y1][:, x0] * (1 - wx) + x[y1][:, x1] * wx
-  return top * (1 - wy) + bottom * wy
+  return rows[:, x0] + (rows[:, x1] - rows[:, x0]) * wx
 
 
 def _nearest(x: np.ndarray, ys, xs) -> np.ndarray:

@@ -184,8 +184,12 @@ def get_config(name: str) -> ScenesConfig:
 def make_builder(config: str | ScenesConfig, data_dir: str | None) -> MmgenScenes:
   """The builder of `config` (a name or a ScenesConfig) under `data_dir` (None: TFDS default)."""
   config = get_config(config) if isinstance(config, str) else config
+  # TFDS wants registered configs by name (a pickled copy of the object, as Grain's
+  # worker processes receive it, would not be the registered one) and custom ones as objects.
+  registered = config.name in {c.name for c in BUILDER_CONFIGS}
   data_dir = None if data_dir is None else os.fspath(data_dir)
-  return MmgenScenes(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
+  return MmgenScenes(config=config.name if registered else config, data_dir=data_dir,
+                     file_format=FILE_FORMAT)
 
 
 def build(config: str | ScenesConfig, data_dir: str, *, render_workers: int = 0,

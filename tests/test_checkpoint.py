@@ -1,0 +1,139 @@
+"""Orbax checkpoints: state + Grain iterator, resharding restore, damaged checkpoints."""
+
+import json
+import logging
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from mmgen_jax import checkpoint
+from mmgen_jax import parallel
+from mmgen_jax import train_state as ts
+from tests import tiny_task
+
+
+def _plan(mesh_shape, config):
+  mesh = parallel.make_mesh(dict(zip(parallel.MESH_AXES, mesh_shape)))
+  tx = ts.make_optimizer(config.optim, ts.make_schedule(config.optim, 100))
+  return ts.plan_train_state(tiny_task.make_model_fn(config), tx, mesh, config.sharding_rules,
+                             0, config.train.rng_impl)
+
+
+def _assert_same_values(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(jax.device_get(x), jax.device_get(y))
+
+
+@pytest.fixture(scope='module')
+def config():
+  return tiny_task.tiny_config()
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory, config):
+  """Steps 1 and 2 saved from a (2, 2, 2) mesh, the iterator 2 and 3 batches in."""
+  workdir = tmp_path_factory.mktemp('saved')
+  plan = _plan((2, 2, 2), config)
+  state = plan.init()
+  it = tiny_task.make_data_iter(config, 0, 1)
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  next(it), next(it)
+  ckpt.save(1, state, it, force=True)
+  state2 = state.replace(step=state.step + 1,
+                         params=jax.tree.map(lambda x: x + 1.0, state.params))
+  next(it)
+  ckpt.save(2, state2, it, force=True)
+  ckpt.close()
+  return workdir, jax.device_get(state), jax.device_get(state2)
+
+
+def _copy(src, dst):
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_saved_layout_holds_state_iterator_and_config(saved, config):
+  workdir, _, _ = saved
+  step_dir = workdir / 'checkpoints' / '2'
+  assert sorted(p.name for p in step_dir.iterdir() if p.is_dir()) == ['config', 'data', 'state']
+  position = json.loads((step_dir / 'data' / 'process_0-of-1.json').read_text())
+  assert position  # the Grain iterator's own state dict
+  saved_config = json.loads((step_dir / 'config' / 'metadata').read_text())
+  assert saved_config['train']['num_steps'] == config.train.num_steps
+
+
+@pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (1, 8, 1)])
+def test_restore_onto_a_different_mesh(saved, config, tmp_path, mesh_shape):
+  workdir, _, state2 = saved
+  plan = _plan(mesh_shape, config)
+  it = tiny_task.make_data_iter(config, 0, 1)
+  ckpt = checkpoint.Checkpointer(_copy(workdir, tmp_path / 'w'), config)
+  state, step = ckpt.restore_latest(plan.abstract, it)
+  ckpt.close()
+  assert step == 2 and int(state.step) == int(state2.step)
+  _assert_same_values(state, state2)
+  for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(plan.shardings)):
+    assert leaf.sharding == sharding
+  # The iterator resumes where the saved one stood: the 4th batch.
+  expected = tiny_task.make_data_iter(config, 0, 1)
+  for _ in range(3):
+    next(expected)
+  np.testing.assert_array_equal(next(it)['rgb'], next(expected)['rgb'])
+
+
+def _truncate_arrays(step_dir):
+  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.parent.name == 'd']
+  assert files
+  for p in files:
+    p.write_bytes(p.read_bytes()[:7])
+
+
+def _drop_metadata(step_dir):
+  os.remove(step_dir / 'state' / '_METADATA')
+
+
+def _drop_iterator_state(step_dir):
+  os.remove(step_dir / 'data' / 'process_0-of-1.json')
+
+
+@pytest.mark.parametrize('damage', [_truncate_arrays, _drop_metadata, _drop_iterator_state])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(saved, config, tmp_path, caplog,
+                                                              damage):
+  workdir, state1, _ = saved
+  workdir = _copy(workdir, tmp_path / 'w')
+  damage(workdir / 'checkpoints' / '2')
+  plan = _plan((8, 1, 1), config)
+  it = tiny_task.make_data_iter(config, 0, 1)
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  with caplog.at_level(logging.ERROR):
+    state, step = ckpt.restore_latest(plan.abstract, it)
+  assert step == 1
+  _assert_same_values(state, state1)
+  assert 'Checkpoint step 2' in caplog.text and 'cannot be restored' in caplog.text
+  assert ckpt.all_steps() == [1]
+  moved = list((workdir / checkpoint.CORRUPT_DIR).iterdir())
+  assert [p.name.split('.')[0] for p in moved] == ['2']
+  # The run goes on from step 1 and can write step 2 again.
+  assert ckpt.save(2, state, it, force=True)
+  ckpt.close()
+  assert checkpoint.Checkpointer(workdir, config).all_steps() == [1, 2]
+
+
+def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(saved, config, tmp_path):
+  workdir, _, _ = saved
+  workdir = _copy(workdir, tmp_path / 'w')
+  for step in ('1', '2'):
+    _drop_metadata(workdir / 'checkpoints' / step)
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  with pytest.raises(RuntimeError, match='no checkpoint .* could be restored'):
+    ckpt.restore_latest(_plan((8, 1, 1), config).abstract, None)
+  ckpt.close()
+
+
+def test_empty_workdir_restores_nothing(config, tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, config)
+  assert ckpt.restore_latest(_plan((8, 1, 1), config).abstract, None) is None
+  ckpt.close()

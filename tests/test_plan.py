@@ -1,0 +1,128 @@
+"""plan.py: parameter count, FLOPs and per-device memory without allocating anything."""
+
+import importlib.util
+import os
+
+import pytest
+
+from mmgen_jax import parallel
+from mmgen_jax import plan
+from mmgen_jax.models import build
+from mmgen_jax.models import dit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MiB = 2 ** 20
+
+
+def load(name: str, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', name + '.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny(**model):
+  c = load('tiny_cpu')
+  for k, v in model.items():
+    c.model[k] = v
+  return c
+
+
+def count_params(config) -> int:
+  return dit.count_params(parallel.abstract_model(lambda r: build.build_model(config, rngs=r)))
+
+
+@pytest.fixture(scope='module')
+def tiny_plan():
+  return plan.make_plan(tiny(), num_devices=8, device_memory_gb=16, lower=True)
+
+
+def test_tiny_counts_match_the_model(tiny_plan):
+  p = tiny_plan
+  assert p.num_params == count_params(tiny())
+  assert p.num_devices == 8 and p.mesh == {'data': 8, 'fsdp': 1, 'tensor': 1}
+  assert p.global_batch == 16 and p.per_device_batch == 2
+  assert p.tokens_per_sample == (32 // 2) ** 2
+
+
+def test_tiny_flops_lowered_agree_with_the_analytic_count(tiny_plan):
+  p = tiny_plan
+  assert p.flops_source == 'lowered'
+  # XLA counts elementwise work too; the matmuls dominate.
+  assert 0.95 < p.flops_per_step / p.analytic_flops_per_step < 1.1
+  # Rule of thumb: 6 FLOPs per parameter per token (adaLN is per sample, so less).
+  tokens = p.global_batch * p.tokens_per_sample
+  assert p.flops_per_step < 6 * p.num_params * tokens
+
+
+def test_tiny_state_memory_is_replicated_on_a_data_mesh(tiny_plan):
+  m = tiny_plan.memory
+  assert m['params'] == 4 * tiny_plan.num_params  # float32, every device holds all
+  assert m['ema'] == m['params'] == m['gradients']
+  assert 2 * m['params'] <= m['optimizer'] < 2 * m['params'] + 1024  # Adam moments + counters
+  assert m['activations'] > 0
+  assert m['total'] == sum(v for k, v in m.items() if k != 'total')
+  assert tiny_plan.fits is True
+
+
+def test_fsdp_divides_the_state_but_not_the_parameter_count():
+  c = tiny()
+  c.mesh.data, c.mesh.fsdp = 1, 8
+  p = plan.make_plan(c, num_devices=8, lower=False)
+  total = 4 * p.num_params
+  assert p.num_params == count_params(c)
+  assert total / 8 <= p.memory['params'] < total / 8 * 1.1  # biases, norms stay whole
+  assert p.per_device_batch == 2
+  assert p.flops_source == 'analytic'
+
+
+def test_remat_shrinks_the_activation_estimate():
+  full = plan.analytic_activation_bytes(tiny(), per_device_batch=4)
+  remat = plan.analytic_activation_bytes(tiny(remat=True), per_device_batch=4)
+  assert remat < full / 2
+
+
+def test_report_names_every_figure(tiny_plan):
+  text = plan.format_plan(tiny_plan)
+  assert f'parameters: {tiny_plan.num_params:,}' in text
+  assert 'FLOPs per train step (forward+backward):' in text and '(lowered; analytic' in text
+  for key in ('params', 'ema', 'optimizer', 'gradients', 'activations', 'total'):
+    assert f'  {key}' in text
+  assert 'device memory 16.00 GiB: fits' in text
+
+
+def test_xl2_on_a_v5p_32_analytic():
+  c = load('imagenet256_xl2')
+  p = plan.make_plan(c, num_devices=16, device_memory_gb=95, lower=False)
+  assert p.num_params == 694_353_024  # the released MMGen SiT-XL/2
+  assert p.mesh == {'data': 1, 'fsdp': 16, 'tensor': 1}
+  assert p.per_device_batch == 16
+  # The lowered XL/2 step measured 1.83e14 FLOPs (XLA cost analysis, batch 256).
+  assert 1.75e14 < p.flops_per_step < 1.95e14
+  full = 4 * p.num_params
+  assert full / 16 <= p.memory['params'] < full / 16 * 1.05
+  assert p.fits is True
+  assert 'fits' in plan.format_plan(p)
+
+
+def test_xl2_that_does_not_fit_says_what_to_change():
+  c = load('imagenet256_xl2')
+  c.mesh.data, c.mesh.fsdp = -1, 1  # replicated state: 2.6 GiB × 4 per device
+  p = plan.make_plan(c, num_devices=8, device_memory_gb=8, lower=False)
+  assert p.memory['params'] == 4 * p.num_params
+  assert p.fits is False
+  text = plan.format_plan(p)
+  assert 'does NOT fit' in text and 'model.remat=True' in text
+
+
+@pytest.mark.slow
+def test_compiled_memory_on_the_fake_devices():
+  c = tiny(depth=1)
+  p = plan.make_plan(c, num_devices=8, lower=False, compile=True)
+  cm = p.compiled_memory
+  state = p.memory['params'] + p.memory['ema'] + p.memory['optimizer']
+  assert cm['arguments'] >= state  # the donated state is an argument
+  assert cm['aliased'] >= state * 0.9  # ... and reused for the new state
+  assert cm['peak'] >= cm['arguments'] and cm['temporaries'] > 0
+  assert p.compiled_backend == '8 cpu devices'
+  assert 'compiled on 8 cpu devices' in plan.format_plan(p)

@@ -1,0 +1,178 @@
+"""ODE/SDE samplers against toy models whose exact velocity is known."""
+
+from typing import NamedTuple
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmgen_jax import config_schema
+from mmgen_jax import modalities
+from mmgen_jax.diffusion import paths
+from mmgen_jax.diffusion import samplers
+
+MODS = modalities.from_config(config_schema.scenes_modalities())
+CHANNELS = [m.channels for m in modalities.images(MODS)]  # rgb 3, depth 1, normal 3, seg 3
+K = 4  # classes; K is the null id
+SHAPE = (3, 2, 2)
+
+
+class Out(NamedTuple):
+  images: tuple
+  logits: tuple = ()
+  zs: tuple = ()
+
+
+def _split(v):
+  return Out(images=paths.split_slots(v, CHANNELS))
+
+
+class PointMass(nnx.Module):
+  """Data is the single point mu(y) = y + slot (null class: 0): v = (x - mu) / t exactly."""
+
+  def __call__(self, x, t, y, task=None):
+    t_ch = paths.slot_times_to_channels(t, CHANNELS)
+    slot = paths.slot_times_to_channels(jnp.broadcast_to(jnp.arange(4.0), t.shape), CHANNELS)
+    real = (y < K)[:, None, None, None]
+    mu = jnp.where(real, y[:, None, None, None] + slot, 0.0)
+    return _split((x - mu) / t_ch)
+
+
+class TimeOnly(nnx.Module):
+  """v(x, t) = t, so a sampler's result minus its start is a quadrature of t over its grid."""
+
+  def __call__(self, x, t, y, task=None):
+    return _split(paths.slot_times_to_channels(t, CHANNELS) + 0 * x)
+
+
+class Zero(nnx.Module):
+
+  def __call__(self, x, t, y, task=None):
+    return _split(jnp.zeros_like(x))
+
+
+class CopyCondition(nnx.Module):
+  """Generated slots converge to mean(condition input) + 10 task + 1000 t_condition.
+
+  The condition slot itself is pushed with a huge velocity, which the sampler must ignore.
+  """
+
+  def __init__(self, slot: int, read_input: bool = True):
+    self.slot, self.read_input = slot, read_input
+
+  def __call__(self, x, t, y, task=None):
+    cond = paths.split_slots(x, CHANNELS)[self.slot]
+    mu = 10.0 * task + 1000.0 * t[:, self.slot]
+    if self.read_input:
+      mu = mu + cond.mean(axis=(1, 2, 3))
+    t_ch = paths.slot_times_to_channels(t, CHANNELS)
+    v = (x - mu[:, None, None, None]) / t_ch
+    start = sum(CHANNELS[:self.slot])
+    in_slot = (jnp.arange(sum(CHANNELS)) >= start) & (jnp.arange(sum(CHANNELS)) < start + CHANNELS[self.slot])
+    return _split(jnp.where(in_slot, 1e3, v))
+
+
+class Gaussian(nnx.Module):
+  """Data ~ N(mu, s^2) per pixel; the exact velocity of the linear path."""
+  mu, s = 0.5, 0.3
+
+  def __call__(self, x, t, y, task=None):
+    t = paths.slot_times_to_channels(t, CHANNELS)
+    a, s2 = 1.0 - t, self.s ** 2
+    var = a * a * s2 + t * t
+    r = x - a * self.mu
+    e_x0 = self.mu + a * s2 / var * r
+    e_eps = t / var * r
+    return _split(e_eps - e_x0)
+
+
+def _run(model, method='euler', num_steps=5, y=None, **kw):
+  y = jnp.array([1, 2, 3], jnp.int32) if y is None else y
+  return samplers.sample(model, jax.random.key(0), mods=MODS, shape=SHAPE, y=y, num_classes=K,
+                         num_steps=num_steps, method=method, **kw)
+
+
+@pytest.mark.parametrize('method', ['euler', 'heun'])
+def test_point_mass_is_recovered_exactly(method):
+  out = _run(PointMass(), method)
+  y = np.array([1, 2, 3])
+  for slot, m in enumerate(modalities.images(MODS)):
+    assert out[m.name].shape == (*SHAPE, m.channels)
+    np.testing.assert_allclose(out[m.name], (y + slot)[:, None, None, None] * np.ones_like(out[m.name]),
+                               atol=1e-5)
+
+
+def test_classifier_free_guidance_mixes_velocities():
+  # v = v_null + s (v_y - v_null) = (x - s mu(y)) / t: the sample lands on s mu(y).
+  out = _run(PointMass(), cfg_scale=3.0)
+  y = np.array([1, 2, 3])
+  np.testing.assert_allclose(out['rgb'][:, 0, 0, 0], 3.0 * y, atol=1e-4)
+  np.testing.assert_allclose(out['depth'][:, 0, 0, 0], 3.0 * (y + 1), atol=1e-4)
+
+
+@pytest.mark.parametrize('method,num_steps', [('euler', 1), ('euler', 4), ('heun', 1), ('heun', 4)])
+def test_step_count_and_grid(method, num_steps):
+  start = _run(Zero(), method, num_steps)['rgb']
+  moved = _run(TimeOnly(), method, num_steps)['rgb'] - start
+  n = num_steps
+  if method == 'euler':  # left Riemann sum of t over linspace(1, 0, n + 1)
+    expected = -(n + 1) / (2 * n)
+  else:  # exact trapezoids down to 1/n, then one Euler step
+    expected = -(0.5 * (1 - 1 / n ** 2) + 1 / n ** 2)
+  np.testing.assert_allclose(moved, expected, atol=1e-5)
+  assert samplers.num_function_evals(n, method) == (n if method == 'euler' else 2 * n - 1)
+
+
+def test_condition_is_held_and_names_the_task():
+  cond = jnp.arange(3.0)[:, None, None, None] * jnp.ones((*SHAPE, 1))
+  out = _run(CopyCondition(slot=1), condition={'depth': cond}, t_cond=0.0)
+  np.testing.assert_array_equal(out['depth'], cond)
+  # depth is slot 1 -> task 2; its input stayed the clean condition at t = 0.
+  for name in ('rgb', 'normal', 'segmentation'):
+    np.testing.assert_allclose(out[name], jnp.broadcast_to(cond + 20.0, out[name].shape), atol=1e-4)
+
+
+def test_condition_enters_at_t_cond():
+  cond = jnp.ones((*SHAPE, 3))
+  out = _run(CopyCondition(slot=0, read_input=False), condition={'rgb': cond}, t_cond=0.005)
+  np.testing.assert_array_equal(out['rgb'], cond)  # the clean condition is returned
+  # rgb is slot 0 -> task 1, held at t = 0.005 for the whole run: 10 + 1000 * 0.005.
+  for name in ('depth', 'normal', 'segmentation'):
+    np.testing.assert_allclose(out[name], 15.0, atol=1e-4)
+
+
+def test_jit_matches_eager():
+  model = PointMass()
+  eager = _run(model, 'heun', 3)
+
+  @nnx.jit
+  def run(model, y):
+    return samplers.sample(model, jax.random.key(0), mods=MODS, shape=SHAPE, y=y, num_classes=K,
+                           num_steps=3, method='heun')
+
+  jitted = run(model, jnp.array([1, 2, 3], jnp.int32))
+  for name in eager:
+    np.testing.assert_allclose(jitted[name], eager[name], atol=1e-6)
+
+
+@pytest.mark.parametrize('method,num_steps,tol', [('euler', 50, 0.05), ('euler_maruyama', 100, 0.08)])
+def test_gaussian_data_distribution(method, num_steps, tol):
+  y = jnp.zeros((400,), jnp.int32)
+  out = samplers.sample(Gaussian(), jax.random.key(1), mods=MODS, shape=(400, 2, 2), y=y,
+                        num_classes=K, num_steps=num_steps, method=method)
+  x = np.asarray(out['rgb'])
+  assert abs(x.mean() - Gaussian.mu) < tol
+  assert abs(x.std() - Gaussian.s) < tol
+
+
+def test_errors_name_the_problem():
+  with pytest.raises(ValueError, match='at most one'):
+    _run(Zero(), condition={'rgb': jnp.zeros((*SHAPE, 3)), 'depth': jnp.zeros((*SHAPE, 1))})
+  with pytest.raises(KeyError, match='label'):
+    _run(Zero(), condition={'label': jnp.zeros((3,))})
+  with pytest.raises(ValueError, match=r'\(3, 2, 2, 1\)'):
+    _run(Zero(), condition={'depth': jnp.zeros((3, 2, 2, 3))})
+  with pytest.raises(ValueError, match='method'):
+    _run(Zero(), method='dpm')
