@@ -26,6 +26,7 @@ CORE = [
     'safetensors>=0.4,<1',
     'absl-py>=2',
     'tqdm>=4.60',
+    'importlib_resources>=6',  # tensorflow-datasets imports it but declares it only for old Pythons
 ]
 
 setuptools.setup(

@@ -59,6 +59,7 @@ class Checkpointer:
         max_to_keep=int(config.train.keep_checkpoints) or None,
         enable_async_checkpointing=True,
         create=True,
+        cleanup_tmp_directories=True,  # saves cut short (killed mid-write) never count
     )
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=('state', 'data', 'config'),

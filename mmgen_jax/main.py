@@ -56,17 +56,29 @@ def unknown_override(argv: list[str], schema) -> str | None:
   return None
 
 
+def _refuse_unknown_override(argv: list[str], error: Exception):
+  """Re-raises a misspelt `--config.` override as one line naming the valid keys."""
+  from mmgen_jax import config_schema  # pylint: disable=g-import-not-at-top
+  message = unknown_override(argv, config_schema.base_config())
+  if message is None:
+    raise error
+  raise SystemExit(f'FATAL config override {message}') from error
+
+
 def _define_config_flag():
-  """--config and its --config.a.b=value overrides (registered from sys.argv right here)."""
+  """--config; its overrides are checked here (default config) and when parsed (--config=)."""
   try:
     return config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Experiment config file.',
                                            lock_config=True)
-  except (AttributeError, KeyError) as e:  # a misspelt override; say which and what is valid
-    from mmgen_jax import config_schema  # pylint: disable=g-import-not-at-top
-    message = unknown_override(sys.argv, config_schema.base_config())
-    if message is None:
-      raise
-    raise SystemExit(f'FATAL config override {message}') from e
+  except (AttributeError, KeyError) as e:
+    _refuse_unknown_override(sys.argv, e)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    _refuse_unknown_override(argv, e)
 
 
 _CONFIG = _define_config_flag()
@@ -167,7 +179,11 @@ def ensure_data(config) -> None:
   data_dir = d.data_dir or None
   if d.name != tfds_scenes.NAME:
     name = f'{d.name}/{d.builder_config}' if d.builder_config else d.name
-    if not tfds.builder(name, data_dir=data_dir).is_prepared():
+    try:
+      built = tfds.builder(name, data_dir=data_dir).is_prepared()
+    except tfds.core.registered.DatasetNotFoundError:
+      built = False  # neither registered nor found on disk
+    if not built:
       raise FileNotFoundError(
           f'dataset {name} is not built in {data_dir or "the TFDS default data dir"} '
           f'(config.data.name / builder_config / data_dir). Only {tfds_scenes.NAME} is built '
@@ -202,4 +218,4 @@ def print_batches(config, num_batches: int) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -36,12 +36,18 @@ Batch = Mapping[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class Parts:
-  """What the loop trains; everything else comes from the config."""
+  """What the loop trains; everything else comes from the config.
+
+  model_fn(rngs) -> model; loss_fn(model, batch, rng) -> (loss, metrics);
+  make_data_iter(process_index, process_count) -> checkpointable iterator of
+  this process's numpy batches (`get_state`/`set_state`); to_global_batch(batch,
+  mesh, rules) -> global jax.Arrays; sample_fn(model, rng) -> {name: uint8 grid}.
+  """
   model_fn: Callable[[nnx.Rngs], nnx.Module]
-  loss_fn: ts_lib.LossFn                                        # (model, batch, rng) -> (loss, metrics)
-  make_data_iter: Callable[[int, int], Iterator[Batch]]          # (process_index, count) -> iterator
+  loss_fn: ts_lib.LossFn
+  make_data_iter: Callable[[int, int], Iterator[Batch]]
   to_global_batch: Callable[[Batch, jax.sharding.Mesh, Any], dict[str, jax.Array]]
-  sample_fn: Callable[[nnx.Module, jax.Array], dict[str, np.ndarray]] | None = None  # -> uint8 grids
+  sample_fn: Callable[[nnx.Module, jax.Array], dict[str, np.ndarray]] | None = None
 
 
 # ---- the real parts ------------------------------------------------------------------
@@ -59,11 +65,8 @@ def default_parts(config: ml_collections.ConfigDict) -> Parts:
     model_fn = lambda rngs: build.build_model(config, rngs=rngs)
   elif name == 'mt_elbo':
     from mmgen_jax.diffusion import mt_elbo  # pylint: disable=g-import-not-at-top
-    from mmgen_jax.models import mt_encoders  # pylint: disable=g-import-not-at-top
     loss_fn = mt_elbo.make_loss_fn(config)
-    side = build.model_kwargs(config)['input_size']
-    model_fn = lambda rngs: mt_encoders.build(build.build_model(config, rngs=rngs), config,
-                                              spatial=(side, side), rngs=rngs)
+    model_fn = _mt_diffusion_fn(config)
   else:
     raise ValueError(f"config.objective.name={name!r} is not one of ['decoupled', 'mt_elbo'].")
 
@@ -73,6 +76,19 @@ def default_parts(config: ml_collections.ConfigDict) -> Parts:
 
   return Parts(model_fn=model_fn, loss_fn=loss_fn, make_data_iter=make_data_iter,
                to_global_batch=pipeline.to_global_batch, sample_fn=make_sample_fn(config))
+
+
+def _mt_diffusion_fn(config: ml_collections.ConfigDict) -> Callable[[nnx.Rngs], nnx.Module]:
+  """MT-Diffusion: the DiT trunk laid out by `mt_encoders.trunk_spec`, plus the encoders."""
+  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.models import build, dit, mt_encoders
+  mods = modalities_lib.from_config(config.modalities)
+  latent = int(config.codec.latent_channels) if config.codec.name != 'identity' else None
+  kwargs = {**build.model_kwargs(config),
+            **mt_encoders.trunk_spec(mods, config.objective.primary, latent)}
+  side = kwargs['input_size']
+  return lambda rngs: mt_encoders.build(dit.MMDiT(**kwargs, rngs=rngs), config,
+                                        spatial=(side, side), rngs=rngs)
 
 
 def make_sample_fn(config: ml_collections.ConfigDict
@@ -182,17 +198,18 @@ class StopSignals:
 
 
 class NonFiniteLossError(FloatingPointError):
-  pass
+  """The loss became NaN or Inf; the message names the step and the modality losses."""
 
 
 def _check_finite(history: list[tuple[int, dict[str, float]]], last_saved: int | None) -> None:
   for step, m in history:
     if not np.isfinite(m['loss']):
       parts = ', '.join(f'{k}={v:.6g}' for k, v in sorted(m.items()) if k.startswith('loss/'))
+      kept = (f'the last good checkpoint is step {last_saved}' if last_saved is not None
+              else 'no checkpoint was saved')
       raise NonFiniteLossError(
           f'loss is {m["loss"]} at step {step} (modality losses: {parts or "none reported"}; '
-          f'grad_norm={m.get("grad_norm", float("nan")):.6g}). This state is not saved; the last '
-          f'good checkpoint is step {last_saved}.')
+          f'grad_norm={m.get("grad_norm", float("nan")):.6g}). This state is not saved; {kept}.')
 
 
 def _mean_metrics(history: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
@@ -292,8 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         visualize.save_png(os.path.join(workdir, 'samples', f'step_{step:06d}_{k}.png'), g)
 
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_steps=log_every)
-  hooks = [report] if is_main else []
+                                           every_steps=log_every) if is_main else None
 
   compiled, flops = None, 0.0
   pending: list[tuple[int, dict[str, jax.Array]]] = []
@@ -317,8 +333,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           state, metrics = compiled(state, batch)
         pending.append((step, metrics))
         window_steps += 1
-        for hook in hooks:
-          hook(step)
+        if report:
+          report(step)  # steps/s and ETA
 
         stop = stop_signals.should_stop(step)
         save_due = step % ckpt_every == 0 or step == num_steps or stop
@@ -340,16 +356,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           scalars = {f'train/{k}': v for k, v in last_metrics.items()}
           scalars['perf/steps_per_sec'] = steps_per_sec
           scalars['perf/images_per_sec'] = steps_per_sec * batch_size
-          if flops and float(config.train.peak_flops) > 0:
-            scalars['perf/mfu'] = flops * steps_per_sec / float(config.train.peak_flops)
+          if flops:  # XLA's count for one device's share of the step
+            scalars['perf/tflops_per_sec_per_device'] = flops * steps_per_sec / 1e12
+            if float(config.train.peak_flops) > 0:
+              scalars['perf/mfu'] = flops * steps_per_sec / float(config.train.peak_flops)
           writer.write_scalars(step, scalars)
           window.clear()
           window_start, window_steps = time.perf_counter(), 0
 
+        io_start = time.perf_counter()
         if save_due and ckpt.save(step, state, data_iter, force=step == num_steps or stop):
           last_saved = step
         if sample_due:
           write_samples(step)
+        window_start += time.perf_counter() - io_start  # throughput counts training only
         if stop:
           preempted = True
           logging.warning('Stopped at step %d after %s; the checkpoint of this step resumes '

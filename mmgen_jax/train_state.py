@@ -145,14 +145,18 @@ def _micro_batches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Arra
   return {name: split(x) for name, x in batch.items()}
 
 
+StepFn = Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
+
+
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, ema_decay: float, grad_accum_steps: int = 1,
-                    rng_impl: str = 'threefry2x32') -> Callable[[TrainState, Mapping[str, jax.Array]],
-                                  tuple[TrainState, dict[str, jax.Array]]]:
+                    rng_impl: str = 'threefry2x32') -> StepFn:
   """The pure update: loss and grads (optionally accumulated), AdamW, EMA.
 
-  Metrics: everything `loss_fn` returns (averaged over micro-batches) plus
-  'loss', 'grad_norm' (before clipping) and 'learning_rate'.
+  The step's key is fold_in(state.rng, state.step), so a resumed run draws the
+  same noise as an uninterrupted one. Metrics: everything `loss_fn` returns
+  (averaged over micro-batches) plus 'loss', 'grad_norm' (before clipping)
+  and 'learning_rate'.
   """
   if grad_accum_steps < 1:
     raise ValueError(f'config.optim.grad_accum_steps={grad_accum_steps} must be >= 1.')
@@ -173,9 +177,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
         (_, m), g = grad_fn(state.params, state.model_state, micro, jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, carry, (g, m)), None
       micro = _micro_batches(batch, grad_accum_steps)
-      zeros = jax.eval_shape(grad_fn, state.params, state.model_state,
-                             jax.tree.map(lambda x: x[0], micro), rng)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+      (_, m_shapes), g_shapes = jax.eval_shape(
+          grad_fn, state.params, state.model_state, jax.tree.map(lambda x: x[0], micro), rng)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g_shapes, m_shapes))
       (grads, metrics), _ = jax.lax.scan(
           accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
       grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
@@ -193,8 +197,8 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
   return train_step
 
 
-def jit_train_step(train_step: Callable, shardings: TrainState, batch_sharding: NamedSharding,
-                   mesh: Mesh) -> Callable:
+def jit_train_step(train_step: StepFn, shardings: TrainState, batch_sharding: NamedSharding,
+                   mesh: Mesh) -> StepFn:
   """jit with explicit shardings; the old state's buffers are donated to the new one."""
   repl = parallel.replicated(mesh)
   return jax.jit(train_step, in_shardings=(shardings, batch_sharding),

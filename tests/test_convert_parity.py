@@ -26,9 +26,16 @@ def state_dict(vectors):
   return {k[len('params/'):]: v for k, v in vectors.items() if k.startswith('params/')}
 
 
-def _tiny_model():
+def _tiny_model(abstract=False):
+  kwargs = build.mmgen_sit_kwargs(**TINY)
   with nnx.use_eager_sharding(False):
-    return dit.MMDiT(**build.mmgen_sit_kwargs(**TINY), rngs=nnx.Rngs(0))
+    init = lambda: dit.MMDiT(**kwargs, rngs=nnx.Rngs(0))
+    return nnx.eval_shape(init) if abstract else nnx.jit(init)()
+
+
+@nnx.jit
+def _forward(model, x, t, y, task):
+  return model(x, t, y, task)
 
 
 @pytest.fixture(scope='module')
@@ -50,9 +57,10 @@ def _assert_close(name, got, ref):
 
 def test_every_recorded_tensor_matches(converted, vectors):
   n = vectors['inputs/x'].shape[0]
-  out = converted(_nhwc(vectors['inputs/x']), jnp.asarray(vectors['inputs/t']).reshape(n, -1),
-                  jnp.asarray(vectors['inputs/y']), jnp.asarray(vectors['inputs/task']),
-                  return_intermediates=True)
+  run = nnx.jit(lambda m, *a: m(*a, return_intermediates=True))
+  out = run(converted, _nhwc(vectors['inputs/x']),
+            jnp.asarray(vectors['inputs/t']).reshape(n, -1), jnp.asarray(vectors['inputs/y']),
+            jnp.asarray(vectors['inputs/task']))
   got = dict(out.intermediates)
   got['pred'] = jnp.concatenate(out.images, axis=-1).transpose(0, 3, 1, 2)  # -> NCHW
   got['t_emb_channelwise'] = converted.t_embedder(
@@ -70,13 +78,13 @@ def test_every_recorded_tensor_matches(converted, vectors):
 def test_per_modality_times_and_default_task(converted, vectors):
   x, y = _nhwc(vectors['inputs/x']), jnp.asarray(vectors['inputs/y'])
   pred = vectors['outputs/pred']
-  out = converted(x, jnp.asarray(vectors['inputs/t_per_modality']), y,
-                  jnp.asarray(vectors['inputs/task']))
+  out = _forward(converted, x, jnp.asarray(vectors['inputs/t_per_modality']), y,
+                 jnp.asarray(vectors['inputs/task']))
   _assert_close('pred (per-slot t)', jnp.concatenate(out.images, -1).transpose(0, 3, 1, 2), pred)
   # task=None is task 0 for every sample.
   t = jnp.asarray(vectors['inputs/t_per_modality'])
-  np.testing.assert_array_equal(converted(x, t, y).images[0],
-                                converted(x, t, y, jnp.zeros_like(y)).images[0])
+  np.testing.assert_array_equal(_forward(converted, x, t, y, None).images[0],
+                                _forward(converted, x, t, y, jnp.zeros_like(y)).images[0])
 
 
 def test_pos_embed_matches_official_table(converted, vectors):
@@ -84,7 +92,7 @@ def test_pos_embed_matches_official_table(converted, vectors):
 
 
 def test_conversion_errors_name_the_key(state_dict):
-  model = _tiny_model()
+  model = _tiny_model(abstract=True)
   bad = dict(state_dict)
   bad['blocks.0.mlp.fc1.weight'] = bad['blocks.0.mlp.fc1.weight'][:, :32]
   del bad['taskcond_embedder.embedding_table.weight']
@@ -101,7 +109,7 @@ def test_conversion_errors_name_the_key(state_dict):
     convert.convert_mmgen_state_dict(shifted, model)
 
 
-def test_safetensors_round_trip(tmp_path, converted, state_dict, vectors):
+def test_safetensors_round_trip(tmp_path, converted, state_dict):
   src = tmp_path / 'sit.safetensors'
   save_file({f'params/{k}': v for k, v in state_dict.items()}, str(src))
   loaded = convert.load_torch_state_dict(str(src), prefix='params/')
@@ -109,12 +117,13 @@ def test_safetensors_round_trip(tmp_path, converted, state_dict, vectors):
 
   dst = tmp_path / 'nnx.safetensors'
   convert.save_params(str(dst), converted)
-  fresh = _tiny_model()
+  fresh = nnx.clone(converted)
+  nnx.update(fresh, jax.tree.map(lambda p: np.zeros(p.shape, p.dtype),
+                                 nnx.state(fresh, nnx.Param)))
   convert.load_params(fresh, str(dst))
-  n = vectors['inputs/x'].shape[0]
-  args = (_nhwc(vectors['inputs/x']), jnp.asarray(vectors['inputs/t']).reshape(n, -1),
-          jnp.asarray(vectors['inputs/y']), jnp.asarray(vectors['inputs/task']))
-  np.testing.assert_array_equal(fresh(*args).images[2], converted(*args).images[2])
+  want = dict(nnx.to_flat_state(nnx.state(converted, nnx.Param)))
+  for path, var in nnx.to_flat_state(nnx.state(fresh, nnx.Param)):
+    np.testing.assert_array_equal(var.get_value(), want[path].get_value(), err_msg=str(path))
 
 
 def _xl2_manifest(parity_dir):
@@ -146,6 +155,23 @@ def test_xl2_manifest_maps_one_to_one(parity_dir):
   assert trainable == sum(int(np.prod(s)) for k, s in shapes.items() if k != 'pos_embed')
 
 
+@pytest.mark.parametrize('overrides', [
+    dict(qk_norm=True),                                    # timm q_norm / k_norm
+    dict(num_modalities=1, repa_encoder_depth=0, repa_z_dims=()),  # plain SiT: `final_layer`
+])
+def test_rules_cover_every_parameter_of_variants(overrides):
+  kwargs = build.mmgen_sit_kwargs(**{**TINY, **overrides})
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: dit.MMDiT(**kwargs, rngs=nnx.Rngs(0)))
+  rules = convert.mmgen_rules(model)
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  assert sorted(r.path for r in rules.values()) == sorted(params)
+  if overrides.get('qk_norm'):
+    assert rules['blocks.1.attn.k_norm.bias'].path == ('blocks', 1, 'attn', 'k_norm', 'bias')
+  else:
+    assert 'final_layer.linear.weight' in rules and 't_embedder.mlp_fused.0.weight' not in rules
+
+
 def test_cli_converts_a_state_dict_file(tmp_path, state_dict, converted):
   """The CLI builds the model from the released flags; run it with the tiny sizes."""
   src, dst = tmp_path / 'ckpt.safetensors', tmp_path / 'out.safetensors'
@@ -153,8 +179,8 @@ def test_cli_converts_a_state_dict_file(tmp_path, state_dict, converted):
   convert.main(['--checkpoint', str(src), '--out', str(dst), '--input_size', '8',
                 '--num_classes', '10', '--hidden_size', '64', '--depth', '2', '--num_heads', '4',
                 '--repa_encoder_depth', '1', '--repa_z_dim', '32', '--repa_projector_dim', '64'])
-  fresh = _tiny_model()
-  convert.load_params(fresh, str(dst))
-  ref = dict(nnx.to_flat_state(nnx.state(converted, nnx.Param)))
-  for path, var in nnx.to_flat_state(nnx.state(fresh, nnx.Param)):
-    np.testing.assert_array_equal(var.get_value(), ref[path].get_value(), err_msg=str(path))
+  written = load_file(str(dst))
+  ref = nnx.to_flat_state(nnx.state(converted, nnx.Param))
+  assert len(written) == len(ref)
+  for path, var in ref:
+    np.testing.assert_array_equal(written['.'.join(map(str, path))], var.get_value())

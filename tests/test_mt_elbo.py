@@ -177,8 +177,9 @@ def _ddpm_loss(model, batch, rng, T):
   """The standard DDPM eps loss, drawn from rng as mt_elbo_loss does."""
   z0 = batch['rgb']
   n = z0.shape[0]
-  k_t, k_eps, _, _, _ = jax.random.split(rng, 5)
-  t = jax.random.randint(k_t, (n,), 1, T + 1)
+  k_u, k_eps, _, _ = jax.random.split(rng, 4)
+  u = jax.random.uniform(k_u, (n, 1 + len(model.aux_names)))
+  t = 1 + jnp.floor(u[:, 0] * T).astype(jnp.int32)
   eps = paths.normal(k_eps, z0.shape)
   ab = jnp.asarray(paths.vp_alpha_bar_discrete('cosine', T), jnp.float32)[t][:, None, None, None]
   z_t = jnp.sqrt(ab) * z0 + jnp.sqrt(1 - ab) * eps
@@ -204,6 +205,7 @@ def test_zero_weights_give_the_ddpm_loss(names):
   np.testing.assert_allclose(loss, ddpm, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_encoder_head_and_the_trunk():
   mods = _mods('rgb', 'depth', 'label', 'masked_rgb')
   cfg = _cfg(aux_observed_prob=0.5, aux_absent_prob=0.0, masked_modality='masked_rgb')
@@ -251,6 +253,22 @@ def test_masked_image():
   np.testing.assert_array_equal(np.asarray(masked)[mask == 0], np.asarray(image)[mask == 0])
 
 
+def test_trunk_spec_and_build():
+  mods = _mods('rgb', 'depth', 'label')
+  assert mt_encoders.trunk_spec(mods, 'rgb') == dict(
+      in_channels=6, image_heads=(3, 1), time_slots=(6,), class_heads=(NUM_CLASSES,), num_tasks=0)
+  config = config_schema.base_config()
+  config.modalities = config_schema.scenes_modalities(with_label_modality=True)
+  config.codec.name = 'sd_vae'
+  spec = mt_encoders.trunk_spec(modalities.from_config(config.modalities), 'rgb', 4)
+  assert spec['in_channels'] == 8 and spec['image_heads'] == (4, 4, 4, 4)
+  assert spec['class_heads'] == (4,)
+  model = mt_encoders.build(FakeTrunk(spec, rngs=nnx.Rngs(0)), config, spatial=(4, 4),
+                            rngs=nnx.Rngs(1))
+  assert model.spatial == (4, 4) and model.channels == 4  # SD-VAE latents
+  assert model.aux_images == ('depth', 'normal', 'segmentation') and model.aux_classes == ('label',)
+
+
 def test_config_errors_are_named():
   mods = _mods('rgb', 'depth')
   model, batch = _model(mods, perturb=False), _batch(mods)
@@ -279,8 +297,8 @@ class Oracle(nnx.Module):
     z_t = x[..., :self.z0.shape[-1]]
     T = self.sched.num_timesteps
     t_int = jnp.round(t[:, 0] * T).astype(jnp.int32)
-    ab = self.sched._at(self.sched.alpha_bar, t_int, 4)
-    lam = self.sched._at(self.sched.lam, t_int, 4)
+    ab = self.sched.at(self.sched.alpha_bar, t_int, 4)
+    lam = self.sched.at(self.sched.lam, t_int, 4)
     eps = (z_t - jnp.sqrt(ab) * self.z0[...] - lam * self.E[...]) / jnp.sqrt(1 - ab)
     n = x.shape[0]
     logits = 30.0 * jax.nn.one_hot(jnp.full((n,), self.label), NUM_CLASSES)
@@ -308,7 +326,8 @@ def test_sampler_recovers_a_point_mass(observed, num_steps):
   np.testing.assert_array_equal(out['label'], label)
 
 
-def test_sampler_runs_a_real_model_for_the_three_uses():
+@pytest.mark.slow
+def test_sampler_covers_the_three_uses():
   mods = _mods('rgb', 'depth', 'label', 'masked_rgb')
   model, data = _model(mods), _batch(mods, n=2)
   cfg = _cfg()
@@ -325,3 +344,52 @@ def test_sampler_runs_a_real_model_for_the_three_uses():
   assert all(np.all(np.isfinite(np.asarray(v))) for v in transition.values())
   with pytest.raises(ValueError, match='also observed'):
     run(observed={'depth': data['depth']}, generate=['depth'])
+
+
+# ---- with the real trunk -----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_real_mmdit_trunk_gradients_and_sampling():
+  from mmgen_jax.models import dit  # pylint: disable=g-import-not-at-top
+  mods = _mods('rgb', 'depth', 'label')
+
+  @nnx.jit
+  def build():
+    rngs = nnx.Rngs(0)
+    with nnx.use_eager_sharding(False):  # no mesh here; as build.build_model does
+      trunk = dit.MMDiT(input_size=HW[0], patch_size=2, **mt_encoders.trunk_spec(mods, 'rgb'),
+                        hidden_size=32, depth=1, num_heads=2, mlp_ratio=2.0,
+                        num_classes=NUM_CLASSES, class_dropout_prob=0.1, rngs=rngs)
+    return mt_encoders.MTDiffusion(trunk, mods=mods, primary='rgb', spatial=HW, rngs=rngs)
+
+  model = build()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  noise = np.random.default_rng(0)
+  params = jax.tree.map(lambda p: p + 0.05 * noise.standard_normal(p.shape, np.float32), params)
+  model = nnx.merge(graphdef, params, rest)
+  cfg = _cfg(aux_observed_prob=0.5, aux_absent_prob=0.0)
+  batch = _batch(mods, n=16)
+
+  @nnx.jit
+  def grads(model):
+    fn = lambda m: mt_elbo.mt_elbo_loss(m, batch, jax.random.key(0), mods=mods, cfg=cfg,
+                                        num_classes=NUM_CLASSES)
+    return nnx.grad(fn, has_aux=True)(model)[0]
+
+  flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(grads(model)))[0]
+  zero = [jax.tree_util.keystr(k) for k, v in flat if float(jnp.abs(v).sum()) == 0.0]
+  assert not zero, f'no gradient reaches {zero}'
+  assert any('final_layers' in jax.tree_util.keystr(k) for k, _ in flat)
+  assert any('class_heads' in jax.tree_util.keystr(k) for k, _ in flat)
+
+  out = mt_elbo.sample(model, jax.random.key(1), mods=mods, cfg=cfg, num=2,
+                       num_classes=NUM_CLASSES, observed={'depth': batch['depth'][:2]},
+                       num_steps=3)
+  assert out['rgb'].shape == (2, *HW, 3) and out['label'].shape == (2,)
+
+
+def test_sampler_refuses_a_class_condition_when_labels_are_a_modality():
+  mods = _mods('rgb', 'label')
+  with pytest.raises(ValueError, match='observed='):
+    mt_elbo.sample(_model(mods, perturb=False), jax.random.key(0), mods=mods, cfg=_cfg(), num=2,
+                   num_classes=NUM_CLASSES, y=jnp.zeros((2,), jnp.int32))

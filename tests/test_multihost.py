@@ -1,16 +1,19 @@
-"""Two local processes (2 CPU devices each) train like one process with 4 devices."""
+"""Two local processes (2 CPU devices each) train like one process with 4 devices,
+and a SIGTERM to one of them stops both at the same step with one checkpoint."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), 'tiny_task.py')
-STEPS = 4
+COMPARED = 5  # steps compared with the single process
 
 
 def _free_port() -> int:
@@ -19,11 +22,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir, devices, *extra):
+def _start(workdir, devices, num_steps, *extra):
   # The device count must be in the environment before JAX starts in the child.
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  cmd = [sys.executable, SCRIPT, '--workdir', str(workdir), '--num_steps', str(STEPS),
-         '--mesh=-1,2,1', *extra]
+  cmd = [sys.executable, SCRIPT, f'--workdir={workdir}', f'--num_steps={num_steps}',
+         '--mesh=-1,2,1', f'--checkpoint_every={COMPARED}', *extra]
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
 
@@ -33,28 +36,40 @@ def _result(proc, timeout=300):
   assert proc.returncode == 0, err[-4000:]
   line = next(l for l in out.splitlines() if l.startswith('RESULT '))
   result = json.loads(line[len('RESULT '):])
-  return result, np.array([result['loss_history'][str(s)] for s in range(1, STEPS + 1)])
+  history = {int(k): v for k, v in result['loss_history'].items()}
+  return result, np.array([history[s] for s in sorted(history)])
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_match_one_process_with_four_devices(tmp_path):
+def test_two_processes_match_one_process_and_stop_together_on_sigterm(tmp_path):
   port = _free_port()
-  procs = [_start(tmp_path / 'multi', 2, f'--coordinator=127.0.0.1:{port}',
-                  '--num_processes=2', f'--process_id={i}') for i in range(2)]
-  single = _start(tmp_path / 'single', 4)
+  multi = tmp_path / 'multi'
+  procs = [_start(multi, 2, 10**6, f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
+                  f'--process_id={i}') for i in range(2)]
+  single = _start(tmp_path / 'single', 4, COMPARED)
   try:
+    first_ckpt = multi / 'checkpoints' / str(COMPARED)
+    deadline = time.time() + 300
+    while not first_ckpt.exists() and time.time() < deadline:
+      assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-4000:]
+      time.sleep(0.2)
+    assert first_ckpt.exists(), 'the two processes did not reach the first checkpoint'
+    procs[1].send_signal(signal.SIGTERM)  # a preemption notice to one host only
     results = [_result(p) for p in procs]
     _, reference = _result(single)
   finally:
     for p in procs + [single]:
       if p.poll() is None:
         p.kill()
+
   assert [r['process'] for r, _ in results] == [0, 1]
-  for r, losses in results:
-    assert r['step'] == STEPS
-    np.testing.assert_allclose(losses, reference, rtol=1e-5)
-  # Both processes wrote their part of the final checkpoint and their iterator state.
-  data_dir = tmp_path / 'multi' / 'checkpoints' / str(STEPS) / 'data'
+  (r0, losses0), (r1, losses1) = results
+  # Same global batches, same numbers as one process with 4 devices.
+  np.testing.assert_allclose(losses0[:COMPARED], reference, rtol=1e-5)
+  np.testing.assert_array_equal(losses0, losses1)
+  # Both agreed on the step to stop at and saved it (each its own iterator position).
+  assert r0['preempted'] and r1['preempted'] and r0['step'] == r1['step'] > COMPARED
+  data_dir = multi / 'checkpoints' / str(r0['step']) / 'data'
   assert sorted(p.name for p in data_dir.glob('*.json')) == ['process_0-of-2.json',
                                                              'process_1-of-2.json']

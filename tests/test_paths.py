@@ -28,7 +28,8 @@ def test_velocity_is_time_derivative(path):
   x0, eps = _draws(1)
   for t in (0.2, 0.5, 0.8):
     h = 1e-3
-    fd = (paths.interpolate(path, x0, eps, t + h) - paths.interpolate(path, x0, eps, t - h)) / (2 * h)
+    x_t = lambda s: paths.interpolate(path, x0, eps, s)
+    fd = (x_t(t + h) - x_t(t - h)) / (2 * h)
     np.testing.assert_allclose(paths.target(path, 'v', x0, eps, t), fd, rtol=2e-2, atol=2e-2)
 
 
@@ -63,8 +64,8 @@ def test_discrete_linear_schedule_is_ddpm():
   assert abs(np.log(ab[-1]) - np.log(ab2[-1])) < 0.1
   # ... which is the continuous DDPM schedule.
   u = np.array([100, 400, 700, 1000])
-  np.testing.assert_allclose(np.log(ab[u]), np.log(np.asarray(paths.vp_alpha_bar('linear', u / 1000))),
-                             rtol=0.02)
+  continuous = np.asarray(paths.vp_alpha_bar('linear', u / 1000))
+  np.testing.assert_allclose(np.log(ab[u]), np.log(continuous), rtol=0.02)
 
 
 def test_discrete_cosine_schedule():

@@ -376,3 +376,11 @@ def test_decode_record_accepts_arrays_and_png(records, mods):
   with pytest.raises(pipeline.BadRecordError, match="field 'rgb': wrong shape"):
     pipeline.decode_record(r, mods, split='train', index=0, num_classes=4, resolution=64)
 
+
+
+def test_skip_mode_refuses_a_split_that_is_all_bad(records, data_dir):
+  source = [_corrupt(r, 'label out of range')[0] for r in records]
+  config = make_config(data_dir, global_batch_size=4, on_bad_record='skip')
+  it = pipeline.make_iterator(config, 'train', train=True, source=source)
+  with pytest.raises(RuntimeError, match="bad records in a row, e.g. train\\[.*field 'label'"):
+    next(it)

@@ -74,6 +74,7 @@ class Skipped:
 
 
 _SKIPPED_KEY = '_skipped'  # batch entry carrying the skip reasons to the main process
+_MAX_SKIPS_PER_BATCH = 1000
 
 
 class PipelineStats:
@@ -460,6 +461,10 @@ class _FullBatchIterator(grain.DatasetIterator):
         reasons.append(item.reason)
         if self._evaluation:  # keep the slot: every process must see the same batch count
           examples.append(None)
+        elif len(reasons) > _MAX_SKIPS_PER_BATCH and not examples:
+          # A repeated training split that is all bad would otherwise loop forever.
+          raise RuntimeError(f'{len(reasons)} bad records in a row, e.g. {reasons[0]}; '
+                             'the data looks broken.')
         continue
       examples.append(item)
     if self._evaluation:

@@ -94,13 +94,15 @@ def masked_mean(values, mask):
   return (values * mask).sum(axis=0) / jnp.maximum(count, 1.0)
 
 
-def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *, mods: Sequence[modalities_lib.Modality],
-                   cfg, num_classes: int, class_dropout_prob: float = 0.0
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *,
+                   mods: Sequence[modalities_lib.Modality], cfg, num_classes: int,
+                   class_dropout_prob: float = 0.0, use_task: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """MMGen's multi-modal loss. `cfg` is config.objective; returns (loss, metrics).
 
   `batch` holds each image modality (N, H, W, C) in model space and 'label'
-  (N,) int32; `num_classes` is the null label id used for label dropout.
+  (N,) int32; `num_classes` is the null label id used for label dropout;
+  use_task=False for a model without task embedding (the task is then implied
+  by the condition slot's small t only).
   """
   images = modalities_lib.images(mods)
   _check_cfg(cfg, len(images))
@@ -119,7 +121,7 @@ def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *, mods: Sequence
   eps = paths.normal(k_noise, x0.shape, x0.dtype)
   t_ch = paths.slot_times_to_channels(modes['t'], channels)
   x_t = paths.interpolate(cfg.path, x0, eps, t_ch)
-  out = model(x_t, modes['t'], y, task=modes['task'])
+  out = model(x_t, modes['t'], y, task=modes['task'] if use_task else None)
   if len(out.images) != len(images):
     raise ValueError(f'model returned {len(out.images)} image heads; expected one per image '
                      f'modality {[m.name for m in images]}.')
@@ -145,4 +147,5 @@ def make_loss_fn(config) -> Callable[[Any, Mapping[str, jax.Array], jax.Array], 
   """(model, batch, rng) -> (loss, metrics) for the full config."""
   return functools.partial(
       decoupled_loss, mods=modalities_lib.from_config(config.modalities), cfg=config.objective,
-      num_classes=config.data.num_classes, class_dropout_prob=config.model.class_dropout_prob)
+      num_classes=config.data.num_classes, class_dropout_prob=config.model.class_dropout_prob,
+      use_task=config.model.use_task_embedding)

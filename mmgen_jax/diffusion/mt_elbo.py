@@ -78,14 +78,15 @@ class Schedule:
   def lam(self) -> np.ndarray:
     return mean_shift(self.alpha_bar, self.w)
 
-  def _at(self, values: np.ndarray, t, ndim: int):
+  def at(self, values: np.ndarray, t, ndim: int):
+    """values[t] as float32, with trailing axes to broadcast against ndim-d arrays."""
     v = jnp.asarray(values, jnp.float32)[t]
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
   def q_sample(self, z0, Ex, t, eps):
     """z_t = sqrt(ab_t) z0 + lambda_t E(x) + sqrt(1 - ab_t) eps; t (N,) int in 1..T."""
-    ab = self._at(self.alpha_bar, t, z0.ndim)
-    return jnp.sqrt(ab) * z0 + self._at(self.lam, t, z0.ndim) * Ex + jnp.sqrt(1.0 - ab) * eps
+    ab = self.at(self.alpha_bar, t, z0.ndim)
+    return jnp.sqrt(ab) * z0 + self.at(self.lam, t, z0.ndim) * Ex + jnp.sqrt(1.0 - ab) * eps
 
   def posterior_mean_var(self, z_t, z0, Ex, t, s=None):
     """Mean and variance of q(z_s | z_t, z_0, x), s < t (default s = t - 1).
@@ -98,26 +99,30 @@ class Schedule:
     """
     s = t - 1 if s is None else s
     nd = z_t.ndim
-    ab_t, ab_s = self._at(self.alpha_bar, t, nd), self._at(self.alpha_bar, s, nd)
+    ab_t, ab_s = self.at(self.alpha_bar, t, nd), self.at(self.alpha_bar, s, nd)
     ab_ts = ab_t / ab_s
     c0 = jnp.sqrt(ab_s) * (1.0 - ab_ts) / (1.0 - ab_t)
     ct = jnp.sqrt(ab_ts) * (1.0 - ab_s) / (1.0 - ab_t)
-    lam_t, lam_s = self._at(self.lam, t, nd), self._at(self.lam, s, nd)
+    lam_t, lam_s = self.at(self.lam, t, nd), self.at(self.lam, s, nd)
     mean = lam_s * Ex + c0 * z0 + ct * (z_t - lam_t * Ex)
     var = (1.0 - ab_s) * (1.0 - ab_ts) / (1.0 - ab_t)
     return mean, var
 
   def z0_from_eps(self, z_t, eps, Ex, t):
-    ab = self._at(self.alpha_bar, t, z_t.ndim)
-    return (z_t - self._at(self.lam, t, z_t.ndim) * Ex - jnp.sqrt(1.0 - ab) * eps) / jnp.sqrt(ab)
+    ab = self.at(self.alpha_bar, t, z_t.ndim)
+    return (z_t - self.at(self.lam, t, z_t.ndim) * Ex - jnp.sqrt(1.0 - ab) * eps) / jnp.sqrt(ab)
 
   def eps_mean(self, z_t, eps, Ex, t):
-    """The one-step posterior mean in noise form: (z_t - beta_t / sigma_t eps) / sqrt(alpha_t) - w_t E."""
+    """One-step posterior mean in noise form.
+
+    (z_t - beta_t / sigma_t eps) / sqrt(alpha_t) - w_t E, with eps the noise of
+    the marginal z_t = sqrt(ab_t) z0 + lambda_t E + sigma_t eps.
+    """
     nd = z_t.ndim
-    ab_t, ab_p = self._at(self.alpha_bar, t, nd), self._at(self.alpha_bar, t - 1, nd)
+    ab_t, ab_p = self.at(self.alpha_bar, t, nd), self.at(self.alpha_bar, t - 1, nd)
     alpha = ab_t / ab_p
     return ((z_t - (1.0 - alpha) / jnp.sqrt(1.0 - ab_t) * eps) / jnp.sqrt(alpha)
-            - self._at(self.w, t, nd) * Ex)
+            - self.at(self.w, t, nd) * Ex)
 
 
 def make_schedule(num_timesteps: int, kind: str = 'cosine', w_max: float = 0.1) -> Schedule:
@@ -153,10 +158,10 @@ def random_box_mask(rng, shape: tuple[int, int, int], *, min_frac: float = 0.25,
   if not 0.0 < min_frac <= max_frac <= 1.0:
     raise ValueError(f'need 0 < min_frac <= max_frac <= 1, got {min_frac}, {max_frac}.')
   n, h, w = shape
-  k_size, k_pos = jax.random.split(rng)
-  frac = jax.random.uniform(k_size, (n, 2), minval=min_frac, maxval=max_frac)
+  u = jax.random.uniform(rng, (n, 4))
+  frac = min_frac + (max_frac - min_frac) * u[:, :2]
   size = jnp.round(frac * jnp.array([h, w])).astype(jnp.int32)
-  start = jnp.floor(jax.random.uniform(k_pos, (n, 2)) * (jnp.array([h, w]) - size + 1))
+  start = jnp.floor(u[:, 2:] * (jnp.array([h, w]) - size + 1))
   start = start.astype(jnp.int32)
   rows = jnp.arange(h)[None, :]
   cols = jnp.arange(w)[None, :]
@@ -192,12 +197,13 @@ def _check_cfg(cfg) -> None:
     raise ValueError(f'config.objective.decoder_weight={cfg.decoder_weight} must be >= 0.')
 
 
-def aux_states(rng, n: int, names: Sequence[str], cfg, batch: Mapping[str, jax.Array]):
+def aux_states(u, names: Sequence[str], cfg, batch: Mapping[str, jax.Array]):
   """(present, observed) float masks (N, A) over the auxiliary modalities.
 
-  A batch may carry '<name>_present' (N,) bool for samples that lack a modality.
+  u: (N, A) uniforms. A batch may carry '<name>_present' (N,) bool for samples
+  that lack a modality.
   """
-  u = jax.random.uniform(rng, (n, len(names)))
+  n = u.shape[0]
   present = u >= cfg.aux_absent_prob
   observed = present & (u < cfg.aux_absent_prob + cfg.aux_observed_prob)
   if names:
@@ -207,9 +213,9 @@ def aux_states(rng, n: int, names: Sequence[str], cfg, batch: Mapping[str, jax.A
   return present.astype(jnp.float32), observed.astype(jnp.float32)
 
 
-def _weighted_sum(encodings: Sequence[jax.Array], weights):
-  """sum_i weights[:, i] * encodings[i]; zeros_like(ref) when there are none."""
-  total = 0.0
+def _weighted_sum(encodings: Sequence[jax.Array], weights, like):
+  """sum_i weights[:, i] * encodings[i] (zeros shaped like `like` when there are none)."""
+  total = jnp.zeros_like(like)
   for i, e in enumerate(encodings):
     total = total + weights[:, i].reshape((-1, 1, 1, 1)) * e
   return total
@@ -238,7 +244,8 @@ def mt_elbo_loss(model: mt_encoders.MTDiffusion, batch: Mapping[str, jax.Array],
                  class_dropout_prob: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The multi-task ELBO loss; `cfg` is config.objective. Returns (loss, metrics).
 
-  rng is split as (t, eps, aux states, box masks, labels).
+  rng is split as (uniforms, eps, box masks, labels); the uniforms (N, 1 + A)
+  give t = 1 + floor(u[:, 0] T) and the auxiliary states from u[:, 1:].
   """
   _check_cfg(cfg)
   sched = schedule_from_config(cfg)
@@ -249,7 +256,7 @@ def mt_elbo_loss(model: mt_encoders.MTDiffusion, batch: Mapping[str, jax.Array],
                      f'{sorted(m.name for m in aux)}.')
   z0 = batch[primary.name]
   n = z0.shape[0]
-  k_t, k_eps, k_state, k_mask, k_label = jax.random.split(rng, 5)
+  k_u, k_eps, k_mask, k_label = jax.random.split(rng, 4)
 
   batch = dict(batch)
   if cfg.masked_modality:
@@ -258,20 +265,22 @@ def mt_elbo_loss(model: mt_encoders.MTDiffusion, batch: Mapping[str, jax.Array],
                        f'auxiliary image modality {list(model.aux_images)}.')
     batch[cfg.masked_modality] = masked_image(k_mask, batch[cfg.masked_modality])[0]
 
-  t = jax.random.randint(k_t, (n,), 1, sched.num_timesteps + 1)
+  T = sched.num_timesteps
+  u = jax.random.uniform(k_u, (n, 1 + len(names)))  # one draw: each draw compiles separately
+  t = 1 + jnp.minimum(jnp.floor(u[:, 0] * T), T - 1).astype(jnp.int32)
   eps = paths.normal(k_eps, z0.shape, z0.dtype)
-  present, observed = aux_states(k_state, n, names, cfg, batch)
+  present, observed = aux_states(u[:, 1:], names, cfg, batch)
   encoded = mt_encoders.encode_all(model, batch)
   encodings = [encoded[m] for m in names]
-  Ex = _weighted_sum(encodings, present) + jnp.zeros_like(z0)
-  cond = _weighted_sum(encodings, observed) + jnp.zeros_like(z0)
+  Ex = _weighted_sum(encodings, present, z0)
+  cond = _weighted_sum(encodings, observed, z0)
 
   z_t = sched.q_sample(z0, Ex, t, eps)
   y = _class_condition(mods, batch, k_label, n, num_classes, class_dropout_prob)
   out = model(z_t, t.astype(jnp.float32) / sched.num_timesteps, cond, y)
   decoded = model.decoder_outputs(out)
 
-  ab = sched._at(sched.alpha_bar, t, z0.ndim)
+  ab = sched.at(sched.alpha_bar, t, z0.ndim)
   target = prediction_target(cfg.prediction, z0, eps, ab)
   denoise = jnp.mean((out.images[0].astype(jnp.float32) - target) ** 2)
 
@@ -311,9 +320,8 @@ def step_times(num_timesteps: int, num_steps: int | None) -> np.ndarray:
   K = num_timesteps if num_steps is None else int(num_steps)
   if not 1 <= K <= num_timesteps:
     raise ValueError(f'num_steps={num_steps} must be in [1, T={num_timesteps}].')
-  ts = np.round(np.linspace(num_timesteps, 0, K + 1)).astype(np.int32)
-  assert np.all(np.diff(ts) < 0), ts
-  return ts
+  # Spacing T / K >= 1, so rounding keeps the times strictly decreasing.
+  return np.round(np.linspace(num_timesteps, 0, K + 1)).astype(np.int32)
 
 
 def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib.Modality],
@@ -326,9 +334,12 @@ def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib
   class-conditional); their exact E_i enters both the trunk input and the
   posterior. generate: auxiliary modalities to generate (default: every one not
   observed); their E_i is estimated at each step from the decoder heads. Any
-  other auxiliary modality is absent (E_i = 0). Returns the primary sample,
-  each generated modality's decoder output at the last step (class modalities
-  as int32 ids, read from the classifier head) and the observed inputs.
+  other auxiliary modality is absent (E_i = 0). y: class condition for a trunk
+  trained with labels (only without class modalities; default null).
+
+  Returns the primary sample, each generated modality's decoder output at the
+  last step (class modalities as int32 ids, read from the classifier head) and
+  the observed inputs.
   """
   sched = schedule_from_config(cfg)
   names = model.aux_names
@@ -342,6 +353,11 @@ def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib
     raise ValueError(f'generate={generate}: {bad} are unknown or also observed '
                      f'(auxiliary modalities: {list(names)}).')
   shape = (num, *model.spatial, model.channels)
+  if y is not None and modalities_lib.classes(mods):
+    raise ValueError(
+        f'y was given but class modalities {[m.name for m in modalities_lib.classes(mods)]} '
+        'are modelled by the chain (the trunk was trained with the null class); condition '
+        'on them through observed={name: labels} instead.')
   y = jnp.full((num,), num_classes, jnp.int32) if y is None else y
 
   cond = jnp.zeros(shape)
@@ -361,8 +377,8 @@ def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib
     E_hat = cond
     for name in generate:
       E_hat = E_hat + net.encode_estimate(name, decoded[name])
-    ab = sched._at(sched.alpha_bar, t_vec, z.ndim)
-    zeta = z - sched._at(sched.lam, t_vec, z.ndim) * E_hat
+    ab = sched.at(sched.alpha_bar, t_vec, z.ndim)
+    zeta = z - sched.at(sched.lam, t_vec, z.ndim) * E_hat
     eps = paths.vp_convert(zeta, out.images[0].astype(jnp.float32), ab, cfg.prediction, 'eps')
     z0 = sched.z0_from_eps(z, eps, E_hat, t_vec)
     mean, var = sched.posterior_mean_var(z, z0, E_hat, t_vec, jnp.full((num,), s))

@@ -54,12 +54,14 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
            y: jax.Array, num_classes: int, condition: Mapping[str, jax.Array] | None = None,
            num_steps: int = 50, cfg_scale: float = 1.0, method: str = 'euler',
            t_cond: float = 0.005, t_max: float = 1.0, path: str = 'linear',
-           prediction: str = 'v', channels: Sequence[int] | None = None) -> dict[str, jax.Array]:
+           prediction: str = 'v', channels: Sequence[int] | None = None,
+           use_task: bool = True) -> dict[str, jax.Array]:
   """Samples every image modality; returns {name: (N, H, W, C)}.
 
   shape: (N, H, W) in model space; channels: model-space channels per image
   modality in slot order (default: pixel channels from `mods`); y: (N,) class
-  ids; condition: at most one image modality held fixed.
+  ids; condition: at most one image modality held fixed; use_task=False for a
+  model without task embedding.
   """
   images = modalities_lib.images(mods)
   names = [m.name for m in images]
@@ -111,7 +113,7 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
     net = nnx.merge(graphdef, state)
     t_slots = jnp.where(cond_slots[None, :], t_cond, jnp.full((n_in, len(ch)), t))
     x_in = jnp.concatenate([x, x]) if guided else x
-    out = net(x_in, t_slots, y_in, task=task_in)
+    out = net(x_in, t_slots, y_in, task=task_in if use_task else None)
     pred = jnp.concatenate(out.images, axis=-1).astype(jnp.float32)
     v = paths.to_velocity(path, prediction, pred, x_in, paths.slot_times_to_channels(t_slots, ch))
     if guided:

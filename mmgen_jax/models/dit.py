@@ -155,10 +155,7 @@ class FinalLayer(nnx.Module):
                         zero_init=True, numerics=numerics, rngs=rngs)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-    mod = self.adaln_modulation(nnx.silu(c))
-    if x.ndim == 3:
-      mod = mod[:, None, :]
-    shift, scale = jnp.split(mod, 2, axis=-1)
+    shift, scale = jnp.split(self.adaln_modulation(nnx.silu(c))[:, None, :], 2, axis=-1)
     return self.linear(modulate(layer_norm(x), shift, scale)).astype(jnp.float32)
 
 
@@ -210,7 +207,7 @@ class MMDiT(nnx.Module):
     """
     self.input_size, self.patch_size = input_size, patch_size
     self.in_channels = in_channels
-    self.image_heads, self.class_heads_dims = tuple(image_heads), tuple(class_heads)
+    self.image_heads, self.class_head_sizes = tuple(image_heads), tuple(class_heads)
     self.hidden_size, self.depth = hidden_size, depth
     self.num_classes, self.num_tasks = num_classes, num_tasks
     self.repa_encoder_depth = repa_encoder_depth
@@ -230,7 +227,7 @@ class MMDiT(nnx.Module):
         layers.MlpProjector(hidden_size, repa_projector_dim, z, **kw) for z in repa_z_dims])
     self.final_layers = nnx.List([
         FinalLayer(hidden_size, patch_size, ch, **kw) for ch in self.image_heads])
-    self.class_heads = nnx.List([ClassHead(hidden_size, k, **kw) for k in self.class_heads_dims])
+    self.class_heads = nnx.List([ClassHead(hidden_size, k, **kw) for k in self.class_head_sizes])
 
   @property
   def grid_size(self) -> int:

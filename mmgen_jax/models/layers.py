@@ -147,12 +147,8 @@ class Attention(nnx.Module):
     self.proj_bias = nnx.Param(jnp.zeros((hidden_size,), pd), out_sharding=('embed',))
     self.qk_norm = qk_norm
     if qk_norm:  # timm's q_norm/k_norm: LayerNorm(head_dim) with affine, eps 1e-5
-      self.q_norm = nnx.LayerNorm(hd, epsilon=1e-5, dtype=jnp.float32, param_dtype=pd,
-                                  scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ('kv',)),
-                                  bias_init=nnx.with_partitioning(zeros, ('kv',)), rngs=rngs)
-      self.k_norm = nnx.LayerNorm(hd, epsilon=1e-5, dtype=jnp.float32, param_dtype=pd,
-                                  scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ('kv',)),
-                                  bias_init=nnx.with_partitioning(zeros, ('kv',)), rngs=rngs)
+      self.q_norm = _head_norm(hd, numerics, rngs)
+      self.k_norm = _head_norm(hd, numerics, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt, prec = self.numerics.dtype, self.numerics.precision
@@ -167,6 +163,13 @@ class Attention(nnx.Module):
     out = jnp.einsum('bhqt,bthk->bqhk', probs, v, precision=prec)
     out = jnp.einsum('bqhk,hkd->bqd', out, self.proj_kernel[...].astype(dt), precision=prec)
     return out + self.proj_bias[...].astype(dt)
+
+
+def _head_norm(head_dim: int, numerics: Numerics, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      head_dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=numerics.param_dtype,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ('kv',)),
+      bias_init=nnx.with_partitioning(zeros, ('kv',)), rngs=rngs)
 
 
 class Mlp(nnx.Module):

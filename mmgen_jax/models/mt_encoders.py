@@ -53,7 +53,7 @@ def trunk_spec(mods: Sequence[modalities_lib.Modality], primary: str,
       image_heads=(c,) + tuple(image_channels(m, latent_channels) for m in aux if m.is_image),
       time_slots=(2 * c,),
       class_heads=tuple(m.channels for m in aux if not m.is_image),
-      num_tasks=1,
+      num_tasks=0,  # no task embedding: which modalities are observed is in the input
   )
 
 
@@ -165,8 +165,11 @@ class MTDiffusion(nnx.Module):
 
 
 def build(trunk: nnx.Module, config, *, spatial: tuple[int, int], rngs: nnx.Rngs) -> MTDiffusion:
-  """MTDiffusion for a full config (trunk built from `trunk_spec`)."""
-  latent = config.codec.latent_channels if config.codec.name != 'identity' else None
+  """MTDiffusion for a full config; `trunk` is an MMDiT laid out by `trunk_spec`.
+
+  spatial: the model-space (H, W) (the resolution, / 8 with the SD-VAE codec).
+  """
+  latent = None if config.codec.name == 'identity' else int(config.codec.latent_channels)
   return MTDiffusion(trunk, mods=modalities_lib.from_config(config.modalities),
                      primary=config.objective.primary, spatial=spatial,
                      latent_channels=latent, rngs=rngs)
