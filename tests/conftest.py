@@ -12,6 +12,11 @@ import jax  # noqa: E402  (after the flags above)
 import pytest  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+# Many tests compile the same small functions; a session-wide compilation cache
+# roughly halves the suite's time on CPU and changes no numbers.
+jax.config.update('jax_compilation_cache_dir',
+                  os.environ.get('MMGEN_TEST_JAX_CACHE', os.path.join(os.path.dirname(__file__), '..', '.jax_cache')))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 def pytest_configure(config):

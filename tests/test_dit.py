@@ -87,7 +87,11 @@ def test_gradients_reach_every_parameter_and_head():
   grad_fn = nnx.jit(nnx.grad(loss))
   num_outputs = len(SLOTS) + 1 + 1
   grads = grad_fn(model, jnp.ones(num_outputs))
+  # k_norm's bias adds q·b to every logit of a row, which softmax ignores: no gradient.
+  no_grad = lambda path: path[-2:] == ('k_norm', 'bias')
   for path, g in nnx.to_flat_state(grads):
+    if no_grad(path):
+      continue
     assert float(jnp.abs(g.get_value()).max()) > 0, f'no gradient reaches {path}'
   # Each output alone reaches its own head and the trunk below it (REPA reads block 0).
   heads = [('final_layers', m) for m in range(len(SLOTS))] + [('class_heads', 0),
@@ -98,6 +102,8 @@ def test_gradients_reach_every_parameter_and_head():
       norm = float(jnp.abs(v.get_value()).max())
       trunk = path[0] == 'x_embedder' or path[:2] == ('blocks', 0) or (
           path[0] == 'blocks' and head[0] != 'projectors')
+      if no_grad(path):
+        continue
       if path[:2] == head or trunk:
         assert norm > 0, f'output {head} gives no gradient to {path}'
       elif path[0] in ('final_layers', 'class_heads', 'projectors', 'blocks'):
@@ -230,8 +236,9 @@ def test_remat_gives_the_same_gradients():
   grad_fn = nnx.jit(nnx.grad(lambda m: jnp.mean(m(*args).images[0] ** 2)))
   g1 = jax.tree.leaves(grad_fn(plain))
   g2 = jax.tree.leaves(grad_fn(remat))
+  scale = max(float(jnp.abs(g).max()) for g in g1)
   for a, b in zip(g1, g2):  # same math, possibly fused differently
-    assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max())
+    assert float(jnp.abs(a - b).max()) <= 1e-5 * scale
 
 
 # ---- parameter counts and FLOPs ------------------------------------------------

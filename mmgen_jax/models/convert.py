@@ -46,6 +46,9 @@ def _linear_t(w):  # torch Linear (out, in) -> Flax kernel (in, out)
 
 def mmgen_rules(model: dit.MMDiT) -> dict[str, Rule]:
   """torch state_dict key -> Rule, for every parameter of `model`."""
+  if len(model.class_heads):
+    raise ValueError('MMGen checkpoints have no classifier heads; build the model with '
+                     'class_heads=() to convert one.')
   rules: dict[str, Rule] = {}
 
   def linear(torch_name: str, path: tuple[str | int, ...]) -> None:
@@ -97,9 +100,6 @@ def mmgen_rules(model: dit.MMDiT) -> dict[str, Rule]:
     t = f'lis_final_layer.{m}' if many else 'final_layer'
     linear(f'{t}.linear', ('final_layers', m, 'linear'))
     linear(f'{t}.adaLN_modulation.1', ('final_layers', m, 'adaln_modulation'))
-  if len(model.class_heads):
-    raise ValueError('MMGen checkpoints have no classifier heads; build the model with '
-                     'class_heads=() to convert one.')
   return rules
 
 

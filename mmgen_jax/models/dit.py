@@ -230,6 +230,12 @@ class MMDiT(nnx.Module):
     self.class_heads = nnx.List([ClassHead(hidden_size, k, **kw) for k in self.class_head_sizes])
 
   @property
+  def null_class(self) -> int | None:
+    """Label id of the unconditional (guidance) embedding, None without one."""
+    rows = self.y_embedder.num_embeddings
+    return self.num_classes if rows > self.num_classes else None
+
+  @property
   def grid_size(self) -> int:
     return self.input_size // self.patch_size
 
@@ -239,8 +245,18 @@ class MMDiT(nnx.Module):
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, task: jax.Array | None = None,
                *, return_intermediates: bool = False) -> ModelOutput:
-    """x (N, H, W, in_channels); t (N,), (N, slots) or (N, in_channels) in [0, 1];
-    y (N,) int class ids (num_classes = null); task (N,) int or None (= 0)."""
+    """Predicts every head's output for noisy input x at times t.
+
+    Args:
+      x: (N, H, W, in_channels), the modalities concatenated on channels.
+      t: times in [0, 1]: (N,) one for all slots, (N, slots) one per slot, or
+        (N, in_channels) one per channel (averaged per slot after embedding).
+      y: (N,) int class ids; `null_class` (= num_classes) is the unconditional id.
+        Ids out of range are not checked inside jit.
+      task: (N,) int task ids (0 = joint, m+1 = slot m is the condition), or
+        None for all 0.
+      return_intermediates: also return the named activations (tests, debugging).
+    """
     n, h, w, ch = x.shape
     if (h, w, ch) != (self.input_size, self.input_size, self.in_channels):
       raise ValueError(f'x has shape {x.shape}; expected (N, {self.input_size}, '
