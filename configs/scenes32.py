@@ -3,13 +3,15 @@ r"""Procedural 32×32 scenes learnt well in one to two hours on 2 CPU cores.
 Budget, from measurements on a 2-core CPU: a 5M-parameter DiT (width 256, 4
 blocks, patch 4, batch 64, float32) ran at ~0.78 s/step, and after 10 minutes
 (~770 steps) its RGB -> depth was only slightly better than predicting the
-ground plane: the scenes need several thousand steps, not a wider model. So:
-width 256 and patch 4 again (64 tokens per image; a patch carries 4·4·10 = 160
-values, below the width, so the noise passes through), 6 blocks instead of 4
-for the extra modalities (~1.5× the step cost, ~1.2 s/step), batch 64 from the
-20,000-scene build, 5,000 steps: ~1.7 h, 16 epochs. A larger learning rate
-than DiT's 1e-4 with a short warm-up and a cosine decay makes the most of the
-few steps; EMA over ~1,000 steps.
+ground plane: the scenes need several thousand steps more than a wider model.
+So: width 256 and patch 4 again (64 tokens per image; a patch carries 4·4·10 =
+160 values, below the width, so the noise passes through; patch 2 would cost
+~4× per step), 6 blocks instead of 4 for the extra modalities (8M parameters,
+1.26e11 FLOPs per step, ~1.2 s/step on an idle machine by the 0.78 s
+measurement; 2.5 s/step measured with the machine shared by other jobs),
+batch 64 from the 20,000-scene build, 5,000 steps (16 epochs): ~1.7 h idle.
+A larger learning rate than DiT's 1e-4 with a short warm-up and a cosine
+decay makes the most of the few steps; EMA over ~1,000 steps.
 
   python -m mmgen_jax.main --config=configs/scenes32.py --workdir=/tmp/mmgen/scenes32
 """
