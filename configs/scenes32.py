@@ -7,11 +7,11 @@ ground plane: the scenes need several thousand steps more than a wider model.
 So: width 256 and patch 4 again (64 tokens per image; a patch carries 4·4·10 =
 160 values, below the width, so the noise passes through; patch 2 would cost
 ~4× per step), 6 blocks instead of 4 for the extra modalities (8M parameters,
-1.26e11 FLOPs per step, ~1.2 s/step on an idle machine by the 0.78 s
-measurement; 2.5 s/step measured with the machine shared by other jobs),
-batch 64 from the 20,000-scene build, 5,000 steps (16 epochs): ~1.7 h idle.
-A larger learning rate than DiT's 1e-4 with a short warm-up and a cosine
-decay makes the most of the few steps; EMA over ~1,000 steps.
+1.26e11 FLOPs per step), batch 64 from the 20,000-scene build. Measured with
+bench/train_step.py on 2 cores: 1.84 s/step (float32; bfloat16 is slower on
+CPU), so 4,000 steps (13 epochs) take ~2 h. A larger learning rate than
+DiT's 1e-4 with a short warm-up and a cosine decay makes the most of the few
+steps; EMA over ~1,000 steps.
 
   python -m mmgen_jax.main --config=configs/scenes32.py --workdir=/tmp/mmgen/scenes32
 """
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.schedule = 'cosine'
   c.optim.ema_decay = 0.999
 
-  c.train.num_steps = 5000
+  c.train.num_steps = 4000
   c.train.log_every = 50
   c.train.sample_every = 1000
   c.train.checkpoint_every = 500

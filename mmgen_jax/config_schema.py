@@ -145,4 +145,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.num_images = 8
   c.sample.use_ema = True
 
+  # ---- evaluation job (RGB -> the other image modalities) ---------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_examples = 256           # validation images scored (0 = the whole split)
+
   return c

@@ -215,3 +215,10 @@ def test_split_warning_for_uneven_fsdp():
   c.model.hidden_size, c.model.num_heads = 132, 4  # 132 does not split 8 ways
   warnings = config_validation.validate(c, num_devices=8, num_processes=1)
   assert any('hidden_size=132 does not split over mesh.fsdp=8' in w for w in warnings)
+
+
+def test_narrow_patch_counts_the_mt_diffusion_trunk_input():
+  c = parse(f'--config={os.path.join(REPO, "configs", "mt_diffusion.py")}')
+  c.model.patch_size, c.model.hidden_size = 4, 64  # trunk input [z_t, encodings]: 2 × 3
+  found = problems(c)
+  assert any('4² × 6 = 96' in p for p in found), found

@@ -122,3 +122,13 @@ def test_compiled_memory_on_the_fake_devices():
   assert cm['peak'] >= cm['arguments'] and cm['temporaries'] > 0
   assert p.compiled_backend == '8 cpu devices'
   assert 'compiled on 8 cpu devices' in plan.format_plan(p)
+
+
+@pytest.mark.parametrize('variant', ['all', 'joint_label', 'masked', 'transition'])
+def test_mt_diffusion_variants_trace_a_train_step(variant):
+  """The MT-ELBO model, objective and batch fit together (the step is traced)."""
+  c = load('mt_diffusion', variant)
+  c.model.depth = 1
+  p = plan.make_plan(c, num_devices=8, lower=True)
+  assert p.flops_source == 'lowered' and p.flops_per_step > 0
+  assert p.num_params > 0
