@@ -102,12 +102,12 @@ def main(argv: list[str]) -> None:
   config, mode = _CONFIG.value, _MODE.value
   if mode == 'plan':
     return run_plan(config)
-  parallel.initialize_distributed()
-  config_validation.validate(config)
-  logging.info('%s', config_validation.describe(config))
   workdir = _WORKDIR.value
   if mode != 'data' and not workdir:
     raise app.UsageError(f'--mode={mode} needs --workdir.')
+  parallel.initialize_distributed()
+  config_validation.validate(config)
+  logging.info('%s', config_validation.describe(config))
   if mode in ('data', 'all'):
     ensure_data(config)
   if mode == 'data':

@@ -146,8 +146,9 @@ def analytic_activation_bytes(config: ml_collections.ConfigDict, per_device_batc
   Per block and token: the float32 residual stream and its normalised copies
   (8 bytes·D), plus, in the compute dtype, modulated inputs, q/k/v, attention
   output, projection and the two MLP activations ((7 + 2·mlp_ratio)·D), plus
-  the attention logits and probabilities (2·heads·T). With model.remat only
-  each block's input is kept, plus one block's worth during its recompute.
+  the attention logits (float32) and probabilities (heads·T each). With
+  model.remat only each block's input is kept, plus one block's worth during
+  its recompute.
   Tensor parallelism divides the per-head and MLP parts.
   """
   kw = config_validation.model_kwargs(config)
@@ -155,7 +156,7 @@ def analytic_activation_bytes(config: ml_collections.ConfigDict, per_device_batc
   t = (kw['input_size'] // kw['patch_size']) ** 2
   e = _ITEMSIZE[config.model.dtype]
   residual = 8 * t * d
-  split = (e * (7 + 2 * r) * t * d + 2 * heads * t * t * e) / tensor
+  split = (e * (7 + 2 * r) * t * d + heads * t * t * (4 + e)) / tensor  # logits in float32
   block = residual + split
   if config.model.remat:
     total = depth * 4 * t * d + block
@@ -272,6 +273,9 @@ def format_plan(p: Plan) -> str:
                  f'arguments {_size(c["arguments"])}, outputs {_size(c["outputs"])} '
                  f'({_size(c["aliased"])} aliased), temporaries {_size(c["temporaries"])}, '
                  f'peak {_size(c["peak"])}')
+    if p.compiled_backend.endswith('cpu devices'):
+      lines.append('  (a CPU compile: TPU and GPU compilers fuse and schedule differently, so '
+                   'their peak differs)')
   if p.device_memory_bytes:
     used = p.peak_bytes / p.device_memory_bytes
     what = 'compiled peak' if p.compiled_memory else 'analytic total'

@@ -194,3 +194,14 @@ def test_end_to_end_with_the_real_parts(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, 'samples'))) == [
       'step_000002_from_rgb.png', 'step_000002_joint.png']
   assert checkpoint.Checkpointer(workdir, config).all_steps() == [2]
+
+  # The evaluation job on the same checkpoint: every validation record scored once.
+  from mmgen_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config.eval.num_examples = 0
+  scores = evaluate.evaluate(config, workdir)
+  assert scores['eval/num_examples'] == 8
+  for key in ('depth/abs_rel', 'depth/delta1', 'normal/mean_deg', 'segmentation/miou'):
+    assert np.isfinite(scores[f'eval/{key}']) and np.isfinite(scores[f'eval/baseline/{key}']), key
+  assert 0.0 <= scores['eval/depth/delta1'] <= 1.0
+  assert 0.0 <= scores['eval/normal/mean_deg'] <= 180.0
+  assert os.path.exists(os.path.join(workdir, 'eval', 'step_000002.json'))
