@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= workdir/tiny_cpu
+DATA_DIR ?= workdir/tensorflow_datasets
 CONFIG ?= configs/tiny_cpu.py
 PYTEST_ARGS ?=
 
@@ -21,7 +22,8 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mmgen_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) --mode=all
+	$(BIN)/python -m mmgen_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) --mode=all \
+		--config.data.data_dir=$(DATA_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

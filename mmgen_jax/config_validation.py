@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterator
 
+import jax
 import ml_collections
 
 from mmgen_jax import modalities as modalities_lib
@@ -43,8 +44,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   this job's, `jax.device_count()` / `jax.process_count()`); pass a target's to
   check a config for a machine you are not on.
   """
-  if num_devices is None or num_processes is None:
-    import jax  # only here: validating for a given topology must not start a backend
+  if num_devices is None or num_processes is None:  # starts the backend: only if not given
     num_devices = jax.device_count() if num_devices is None else num_devices
     num_processes = jax.process_count() if num_processes is None else num_processes
   problems: list[str] = []
