@@ -96,10 +96,12 @@ def time_case(config, steps: int) -> dict[str, Any]:
   mesh = parallel.make_mesh(config.mesh)
   schedule = train_state.make_schedule(config.optim, config.train.num_steps)
   tx = train_state.make_optimizer(config.optim, schedule)
-  plan = train_state.plan_train_state(parts.model_fn, tx, mesh, config.sharding_rules, 0)
+  rng_impl = config.train.rng_impl
+  plan = train_state.plan_train_state(parts.model_fn, tx, mesh, config.sharding_rules, 0,
+                                      rng_impl)
   step = train_state.jit_train_step(
       train_state.make_train_step(plan.graphdef, parts.loss_fn, tx, schedule,
-                                  ema_decay=float(config.optim.ema_decay)),
+                                  ema_decay=float(config.optim.ema_decay), rng_impl=rng_impl),
       plan.shardings, parallel.batch_sharding(mesh, config.sharding_rules), mesh)
   with jax.set_mesh(mesh):
     state = plan.init()

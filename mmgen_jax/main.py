@@ -22,7 +22,6 @@ $MMGEN_PROCESS_ID, or JAX's own detection on TPU VMs, SLURM and Kubernetes
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -118,7 +117,7 @@ def main(argv: list[str]) -> None:
     logging.info('Training done at step %s: loss %s.', metrics.get('step'), metrics.get('loss'))
   if mode == 'sample':
     write_samples(config, workdir)
-  if mode == 'evaluate' or (mode == 'all' and importlib.util.find_spec('mmgen_jax.evaluate')):
+  if mode in ('evaluate', 'all'):
     from mmgen_jax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate(config, workdir)
 
@@ -139,24 +138,11 @@ def run_plan(config) -> None:
 def write_samples(config, workdir: str) -> None:
   """Sample grids (PNG) from the latest checkpoint into <workdir>/samples."""
   # pylint: disable=g-import-not-at-top
-  from mmgen_jax import checkpoint, train, train_state, visualize
-  parts = train.default_parts(config)
-  mesh = parallel.make_mesh(config.mesh)
-  tx = train_state.make_optimizer(
-      config.optim, train_state.make_schedule(config.optim, config.train.num_steps))
-  plan = train_state.plan_train_state(parts.model_fn, tx, mesh, config.sharding_rules,
-                                      int(config.seed))
-  ckpt = checkpoint.Checkpointer(workdir, config)
-  restored = ckpt.restore_latest(plan.abstract, None)
-  ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first '
-                            '(--mode=train).')
-  state, step = restored
-  params = state.ema_params if config.sample.use_ema else state.params
+  from mmgen_jax import evaluate, train, visualize
+  model, step, mesh = evaluate.restore_for_inference(config, workdir)
+  key = jax.random.fold_in(jax.random.key(int(config.seed), impl=config.train.rng_impl), step)
   with jax.set_mesh(mesh):
-    model = train_state.merge_model(plan.graphdef, params, state.model_state)
-    grids = parts.sample_fn(model, jax.random.fold_in(jax.random.key(int(config.seed)), step))
+    grids = train.make_sample_fn(config)(model, key)
   if jax.process_index() == 0:
     for name, grid in grids.items():
       path = os.path.join(workdir, 'samples', f'checkpoint_{step:06d}_{name}.png')

@@ -96,11 +96,13 @@ def _abstract_state(config, mesh) -> tuple[Any, Any, Callable]:
   parts = train.default_parts(config)
   schedule = train_state.make_schedule(config.optim, config.train.num_steps)
   tx = train_state.make_optimizer(config.optim, schedule)
+  rng_impl = config.train.rng_impl
   state = train_state.plan_train_state(parts.model_fn, tx, mesh, config.sharding_rules,
-                                       int(config.seed))
+                                       int(config.seed), rng_impl)
   step = train_state.make_train_step(state.graphdef, parts.loss_fn, tx, schedule,
                                      ema_decay=float(config.optim.ema_decay),
-                                     grad_accum_steps=int(config.optim.grad_accum_steps))
+                                     grad_accum_steps=int(config.optim.grad_accum_steps),
+                                     rng_impl=rng_impl)
   return state.abstract, state.shardings, step
 
 
