@@ -61,15 +61,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
   """The DiT's constructor arguments as training builds it (MT-Diffusion: its trunk layout)."""
-  # pylint: disable=g-import-not-at-top
-  from mmgen_jax.models import build
-  kwargs = build.model_kwargs(config)
-  if config.objective.name == 'mt_elbo':
-    from mmgen_jax.models import mt_encoders
-    mods = modalities_lib.from_config(config.modalities)
-    latent = int(config.codec.latent_channels) if config.codec.name != 'identity' else None
-    kwargs.update(mt_encoders.trunk_spec(mods, config.objective.primary, latent))
-  return kwargs
+  from mmgen_jax.models import build  # pylint: disable=g-import-not-at-top
+  return build.model_kwargs(config)
 
 
 def patch_input_size(config: ml_collections.ConfigDict) -> tuple[int, int, int]:

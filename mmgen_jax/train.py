@@ -82,10 +82,7 @@ def _mt_diffusion_fn(config: ml_collections.ConfigDict) -> Callable[[nnx.Rngs], 
   """MT-Diffusion: the DiT trunk laid out by `mt_encoders.trunk_spec`, plus the encoders."""
   # pylint: disable=g-import-not-at-top
   from mmgen_jax.models import build, dit, mt_encoders
-  mods = modalities_lib.from_config(config.modalities)
-  latent = int(config.codec.latent_channels) if config.codec.name != 'identity' else None
-  kwargs = {**build.model_kwargs(config),
-            **mt_encoders.trunk_spec(mods, config.objective.primary, latent)}
+  kwargs = build.model_kwargs(config)  # the trunk laid out by mt_encoders.trunk_spec
   side = kwargs['input_size']
   return lambda rngs: mt_encoders.build(dit.MMDiT(**kwargs, rngs=rngs), config,
                                         spatial=(side, side), rngs=rngs)
@@ -140,7 +137,8 @@ def make_sample_fn(config: ml_collections.ConfigDict
 
   def sample_mt(model, rng) -> dict[str, np.ndarray]:
     from mmgen_jax.diffusion import mt_elbo  # pylint: disable=g-import-not-at-top
-    y = np.arange(n, dtype=np.int32) % num_classes
+    # With a class modality the label is generated (read from its head), not given.
+    y = None if modalities_lib.classes(mods) else np.arange(n, dtype=np.int32) % num_classes
     out = mt_elbo.sample(model, rng, mods=mods, cfg=config.objective, num=n,
                          num_classes=num_classes, y=y, num_steps=int(config.sample.num_steps))
     return {'joint': visualize.make_grid(rows(out))}

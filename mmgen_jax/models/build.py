@@ -11,6 +11,7 @@ import ml_collections
 
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax.models import dit
+from mmgen_jax.models import mt_encoders
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -49,14 +50,9 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     layout = dict(in_channels=sum(heads), image_heads=heads, time_slots=heads, class_heads=(),
                   num_tasks=len(image_mods) if m.use_task_embedding else 0)
   elif objective == 'mt_elbo':
-    primary = modalities_lib.by_name(mods, config.objective.primary)
-    if not primary.is_image:
-      raise ValueError(f'config.objective.primary={primary.name!r} must be an image modality.')
-    others = tuple(mod for mod in image_mods if mod.name != primary.name)
-    heads = (channels[primary.name],) + tuple(channels[mod.name] for mod in others)
-    layout = dict(in_channels=heads[0], image_heads=heads, time_slots=(heads[0],),
-                  class_heads=tuple(mod.channels for mod in modalities_lib.classes(mods)),
-                  num_tasks=0)
+    # The trunk sees [z_t, observed encodings] and decodes every other modality.
+    latent = int(config.codec.latent_channels) if codec == 'sd_vae' else None
+    layout = mt_encoders.trunk_spec(mods, config.objective.primary, latent)
   else:
     raise ValueError(f"config.objective.name={objective!r} is not one of "
                      "['decoupled', 'mt_elbo'].")
