@@ -1,7 +1,8 @@
 """Every config key with its default; configs in `configs/` start from `base_config()`.
 
-The returned ConfigDict is locked, so a typo in a config file or on the command
-line (`--config.model.hiden_size=...`) is refused with the valid keys listed.
+Config files lock what this returns (`c.lock()`) after adding any modality of
+their own, so a typo in a config file or on the command line
+(`--config.model.hiden_size=...`) is refused with the valid keys listed.
 """
 
 from __future__ import annotations
