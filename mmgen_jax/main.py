@@ -119,7 +119,12 @@ def main(argv: list[str]) -> None:
     write_samples(config, workdir)
   if mode in ('evaluate', 'all'):
     from mmgen_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.evaluate(config, workdir)
+    results = evaluate.evaluate(config, workdir)
+    if jax.process_index() == 0 and results:
+      print(evaluate.summarize(results))
+  if jax.process_index() == 0 and mode in ('train', 'all', 'sample', 'evaluate'):
+    print(f'Outputs in {workdir}: samples/*.png, eval/*.json, checkpoints/; '
+          f'TensorBoard: tensorboard --logdir {workdir}')
 
 
 def run_plan(config) -> None:
