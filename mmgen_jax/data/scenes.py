@@ -42,6 +42,7 @@ RESOLUTIONS: tuple[int, ...] = (32, 64, 128, 256)
 FAR_DEPTH = 12.0        # z-depth of the far clip plane (world units ~ metres)
 FOV_DEG = 50.0          # horizontal = vertical field of view (square images)
 LABEL_RESOLUTION = 64   # resolution at which visible areas decide the scene label
+_TAN_HALF_FOV = float(np.tan(np.radians(FOV_DEG) / 2.0))
 
 # Instance ids (internal, exposed with `with_instances=True`): objects are 3 + k.
 SKY, GROUND, WALL = 0, 1, 2
@@ -112,39 +113,54 @@ def _random_colour(rng: np.random.Generator, sat: tuple[float, float],
   return _srgb_to_linear(rgb)
 
 
-def _random_primitive(rng: np.random.Generator, x: float, y: float) -> Primitive:
-  shape = SCENE_CLASSES[rng.integers(len(SCENE_CLASSES))]
-  albedo = _random_colour(rng, sat=(0.55, 0.9), val=(0.6, 0.95))
-  if shape == 'sphere':
-    r = rng.uniform(0.4, 0.7)
-    return Primitive('sphere', x, y, r, 2 * r, albedo=albedo)
-  if shape == 'box':
-    return Primitive('box', x, y, rng.uniform(0.3, 0.55), rng.uniform(0.5, 1.2),
-                     depth=rng.uniform(0.3, 0.55), yaw=rng.uniform(0.0, np.pi / 2),
-                     albedo=albedo)
-  if shape == 'cylinder':
-    return Primitive('cylinder', x, y, rng.uniform(0.3, 0.55), rng.uniform(0.6, 1.4),
-                     albedo=albedo)
-  return Primitive('cone', x, y, rng.uniform(0.4, 0.7), rng.uniform(0.9, 1.7), albedo=albedo)
+# Size ranges per shape: (radius, height, box half depth); sphere height is 2 radius.
+_SIZES = {
+    'sphere': ((0.4, 0.7), None, None),
+    'box': ((0.3, 0.55), (0.5, 1.2), (0.3, 0.55)),
+    'cylinder': ((0.3, 0.55), (0.6, 1.4), None),
+    'cone': ((0.5, 0.85), (1.0, 1.7), None),
+}
+_CANDIDATES = 32   # placement attempts per object, drawn (and checked) as one batch
+_BOX_CORNERS = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (0, 1)], float)
 
 
-def _in_view(p: Primitive, cam_height: float, rot: np.ndarray, margin: float = 1.02) -> bool:
-  """Whether the primitive's bounding box projects inside the image (normalised coords)."""
-  fr = p.footprint
-  corners = np.array([[p.x + sx * fr, p.y + sy * fr, z] for sx in (-1, 1) for sy in (-1, 1)
-                      for z in (0.0, p.height)])
-  cam = (corners - np.array([0.0, 0.0, cam_height])) @ rot.T
-  if np.any(cam[:, 2] <= 0.5):
-    return False
-  uv = cam[:, :2] / cam[:, 2:] / np.tan(np.radians(FOV_DEG) / 2.0)
-  return bool(np.all(np.abs(uv) <= margin)) and bool(np.all(cam[:, 2] < FAR_DEPTH))
+def _place(rng: np.random.Generator, shape: str, placed: list[Primitive], cam_height: float,
+           rot: np.ndarray, near_y: float, far_y: float) -> Primitive | None:
+  """The first of a batch of random poses that is fully in view and clear of `placed`."""
+  n = _CANDIDATES
+  radius_range, height_range, depth_range = _SIZES[shape]
+  radius = rng.uniform(*radius_range, n)
+  height = 2 * radius if height_range is None else rng.uniform(*height_range, n)
+  depth = np.zeros(n) if depth_range is None else rng.uniform(*depth_range, n)
+  yaw = rng.uniform(0.0, np.pi / 2, n) if shape == 'box' else np.zeros(n)
+  y = rng.uniform(near_y, far_y, n)
+  half_width = (y * rot[2, 1] + cam_height * -rot[2, 2]) * _TAN_HALF_FOV
+  x = rng.uniform(-1.0, 1.0, n) * half_width
+  footprint = np.hypot(radius, depth)
+
+  # Bounding box of every candidate (n, 8, 3) in the camera frame: inside the
+  # frustum (2% margin) and before the far clip, so the object is fully visible.
+  corners = (_BOX_CORNERS[None] * np.stack([footprint, footprint, height], -1)[:, None]
+             + np.stack([x, y, np.full(n, -cam_height)], -1)[:, None])
+  cam = corners @ rot.T
+  z = cam[..., 2]
+  ok = np.all((z > 0.5) & (z < FAR_DEPTH), -1) & np.all(
+      np.abs(cam[..., :2]) <= 1.02 * _TAN_HALF_FOV * np.maximum(z, 0.5)[..., None], (-2, -1))
+  ok &= y + footprint < far_y + 0.8
+  for q in placed:
+    ok &= np.hypot(x - q.x, y - q.y) > footprint + q.footprint + 0.1
+  if not ok.any():
+    return None
+  i = int(np.argmax(ok))
+  return Primitive(shape, float(x[i]), float(y[i]), float(radius[i]), float(height[i]),
+                   depth=float(depth[i]), yaw=float(yaw[i]))
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
-  """Draws one scene; the number of draws does not depend on any resolution."""
-  cam_height = rng.uniform(2.0, 2.6)
-  pitch = np.radians(rng.uniform(24.0, 32.0))
-  wall_y = rng.uniform(7.0, 10.0) if rng.uniform() < 0.5 else None
+  """Draws one scene; the draws do not depend on any resolution."""
+  cam_height = rng.uniform(1.8, 2.4)
+  pitch = np.radians(rng.uniform(28.0, 36.0))
+  wall_y = rng.uniform(5.5, 8.5) if rng.uniform() < 0.5 else None
   # Light from the camera's side of the wall (y component <= 0) and from above, so
   # neither the wall nor the ground can shadow anything: only objects cast shadows.
   elevation = np.radians(rng.uniform(35.0, 65.0))
@@ -157,30 +173,24 @@ def sample_scene(rng: np.random.Generator) -> Scene:
   checker = rng.uniform(0.06, 0.15)
 
   rot = camera_rotation(pitch)
-  far_y = 8.0 if wall_y is None else min(8.0, wall_y - 1.2)
-  num_objects = int(rng.integers(1, 5))
+  far_y = 6.0 if wall_y is None else min(6.0, wall_y - 1.0)
   objects: list[Primitive] = []
-  for _ in range(num_objects):
-    for _ in range(30):   # rejection sampling: in view, not touching the others
-      y = rng.uniform(3.2, far_y)
-      half_width = (y * np.cos(pitch) + cam_height * np.sin(pitch)) * np.tan(
-          np.radians(FOV_DEG) / 2.0)
-      p = _random_primitive(rng, rng.uniform(-half_width, half_width), y)
-      if p.y + p.footprint > far_y + 0.8:
-        continue
-      if not _in_view(p, cam_height, rot):
-        continue
-      if all(np.hypot(p.x - q.x, p.y - q.y) > p.footprint + q.footprint + 0.1 for q in objects):
-        objects.append(p)
-        break
-  if not objects:   # every draw rejected (rare): one sphere in the middle of the view
-    objects.append(Primitive('sphere', 0.0, 5.0, 0.6, 1.2,
-                             albedo=_random_colour(rng, (0.55, 0.9), (0.6, 0.95))))
+  for _ in range(int(rng.integers(1, 5))):
+    # The shape is drawn before the poses, so placement failures (more likely for
+    # big shapes) do not skew the shape, hence label, distribution.
+    shape = SCENE_CLASSES[rng.integers(len(SCENE_CLASSES))]
+    p = _place(rng, shape, objects, cam_height, rot, 2.0, far_y)
+    if p is not None:
+      objects.append(p)
+  if not objects:   # every pose rejected (rare): one sphere in the middle of the view
+    objects.append(Primitive('sphere', 0.0, 3.5, 0.5, 1.0))
+  objects = [dataclasses.replace(p, albedo=_random_colour(rng, (0.55, 0.9), (0.6, 0.95)))
+             for p in objects]
   return Scene(cam_height, pitch, wall_y, light, ambient, ground_albedo, wall_albedo, checker,
                tuple(objects))
 
 
-# ---- ray-primitive intersection -------------------------------------------------------------------
+# ---- ray-primitive intersection ------------------------------------------------------------
 # Each function takes ray origins o (N, 3) and directions d (N, 3), world frame, and returns the
 # nearest hit distance t > eps along d (inf on a miss) and the outward world normal there (N, 3).
 # Directions need not be unit length: t is measured in units of |d|.
@@ -228,8 +238,7 @@ def _sphere(p: Primitive, o, d):
   oc = o - np.array([p.x, p.y, p.radius])
   t1, t2 = _quadratic_roots(np.sum(d * d, -1), np.sum(oc * d, -1),
                             np.sum(oc * oc, -1) - p.radius ** 2)
-  t = np.where(t1 > _EPS, t1, np.where(t2 > _EPS, t2, np.inf))
-  t = np.where(np.isnan(t), np.inf, t)
+  t = np.where(t1 > _EPS, t1, np.where(t2 > _EPS, t2, np.inf))   # nan (a miss) compares False
   hit = oc + np.where(np.isfinite(t), t, 0.0)[:, None] * d
   return t, hit / p.radius
 
@@ -298,32 +307,40 @@ def _cone(p: Primitive, o, d):
 _INTERSECT = {'sphere': _sphere, 'box': _box, 'cylinder': _cylinder, 'cone': _cone}
 
 
-def _plane(o, d, axis: int, offset: float, normal: np.ndarray):
-  with np.errstate(divide='ignore', invalid='ignore'):
-    t = (offset - o[:, axis]) / d[:, axis]
-  t = _valid(t, np.isfinite(t))
-  return t, np.broadcast_to(normal, o.shape)
+def _hits(p: Primitive, o: np.ndarray, d: np.ndarray):
+  """(ray indices, t, normal) of `p`'s hits, testing only rays that meet its bounding sphere."""
+  centre = np.array([p.x, p.y, p.height / 2])
+  radius2 = p.footprint ** 2 + (p.height / 2) ** 2
+  oc = o - centre
+  b = np.einsum('ij,ij->i', oc, d)
+  c = np.einsum('ij,ij->i', oc, oc) - radius2
+  near = (b * b >= np.einsum('ij,ij->i', d, d) * c) & ((b < 0) | (c < 0))
+  idx = np.flatnonzero(near)
+  t, n = _INTERSECT[p.shape](p, o[idx], d[idx])
+  hit = np.isfinite(t)
+  return idx[hit], t[hit], n[hit]
 
 
 def _trace(scene: Scene, o: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Nearest hit over the whole scene: (t, world normal, instance id)."""
-  ts, ns = [np.full(len(d), np.inf)], [np.zeros_like(d)]       # SKY: nothing hit
-  ts_n = _plane(o, d, 2, 0.0, np.array([0.0, 0.0, 1.0]))       # GROUND
-  ts.append(ts_n[0]), ns.append(ts_n[1])
-  if scene.wall_y is not None:
-    tw, nw = _plane(o, d, 1, scene.wall_y, np.array([0.0, -1.0, 0.0]))
-  else:
-    tw, nw = np.full(len(d), np.inf), np.zeros_like(d)
-  ts.append(tw), ns.append(nw)                                 # WALL
-  for p in scene.objects:
-    t, n = _INTERSECT[p.shape](p, o, d)
-    ts.append(t), ns.append(n)
-  ts = np.stack(ts)
-  inst = np.argmin(ts[1:], axis=0) + 1
-  idx = np.arange(len(d))
-  t = ts[inst, idx]
-  inst = np.where(np.isfinite(t), inst, SKY)
-  return t, np.stack(ns)[inst, idx], inst
+  """Nearest hit over the whole scene: (t, world normal, instance id); t = inf for sky."""
+  with np.errstate(divide='ignore', invalid='ignore'):
+    t = np.where(d[:, 2] < 0, -o[:, 2] / d[:, 2], np.inf)      # ground z = 0
+  inst = np.where(np.isfinite(t), GROUND, SKY)
+  n = np.zeros_like(d)
+  n[:, 2] = 1.0
+  if scene.wall_y is not None:                                   # wall y = wall_y, facing -y
+    with np.errstate(divide='ignore', invalid='ignore'):
+      tw = np.where(d[:, 1] > 0, (scene.wall_y - o[:, 1]) / d[:, 1], np.inf)
+    wall = tw < t
+    t, inst = np.where(wall, tw, t), np.where(wall, WALL, inst)
+    n[wall] = (0.0, -1.0, 0.0)
+  for k, p in enumerate(scene.objects):
+    idx, tk, nk = _hits(p, o, d)
+    closer = tk < t[idx]
+    idx = idx[closer]
+    t[idx], n[idx], inst[idx] = tk[closer], nk[closer], _FIRST_OBJECT + k
+  n[inst == SKY] = 0.0
+  return t, n, inst
 
 
 def _shadowed(scene: Scene, points: np.ndarray) -> np.ndarray:
@@ -331,7 +348,7 @@ def _shadowed(scene: Scene, points: np.ndarray) -> np.ndarray:
   d = np.broadcast_to(scene.light, points.shape)
   blocked = np.zeros(len(points), bool)
   for p in scene.objects:
-    blocked |= np.isfinite(_INTERSECT[p.shape](p, points, d)[0])
+    blocked[_hits(p, points, d)[0]] = True
   return blocked
 
 
@@ -364,33 +381,32 @@ def _label(scene: Scene, inst: np.ndarray) -> int:
   return SCENE_CLASSES.index(scene.objects[int(np.argmax(areas))].shape)
 
 
-def _shade(scene: Scene, o, d, t, n, inst) -> np.ndarray:
-  """Linear-light Lambertian shading with shadows and a ground checker, then sRGB-ish gamma."""
-  hit = inst != SKY
-  albedo = np.zeros_like(d)
-  albedo[inst == GROUND] = scene.ground_albedo
-  albedo[inst == WALL] = scene.wall_albedo
-  for k, p in enumerate(scene.objects):
-    albedo[inst == _FIRST_OBJECT + k] = p.albedo
-  points = o + np.where(hit, t, 0.0)[:, None] * d
-  ground = inst == GROUND
-  tile = (np.floor(points[ground, 0]) + np.floor(points[ground, 1])) % 2
-  albedo[ground] *= (1.0 + scene.checker * (2 * tile - 1))[:, None]
+# Linear light -> 8-bit display values (gamma 2.2), tabulated: a lookup beats a power.
+_GAMMA_STEPS = 16383
+_GAMMA_LUT = np.round((np.arange(_GAMMA_STEPS + 1) / _GAMMA_STEPS) ** (1 / 2.2) * 255.0
+                      ).astype(np.uint8)
+_HORIZON, _ZENITH = np.array([0.80, 0.86, 0.95]), np.array([0.30, 0.50, 0.85])
 
-  lit = np.zeros(len(d), bool)
-  cos = np.clip(n[hit] @ scene.light, 0.0, None)
-  facing = cos > 0  # surfaces turned away are dark anyway: skip their shadow rays
-  idx = np.flatnonzero(hit)[facing]
-  lit[idx] = ~_shadowed(scene, points[idx] + n[idx] * _SHADOW_OFFSET)
-  radiance = np.zeros(len(d))
-  radiance[hit] = scene.ambient + (1.0 - scene.ambient) * cos * lit[hit]
-  colour = albedo * radiance[:, None]
+
+def _shade(scene: Scene, o, d, t, n, inst) -> np.ndarray:
+  """Lambertian shading (linear light) with cast shadows and a ground checker -> uint8 RGB."""
+  hit = inst != SKY
+  albedo = np.array([(0.0, 0.0, 0.0), scene.ground_albedo, scene.wall_albedo]
+                    + [p.albedo for p in scene.objects])[inst]
+  points = o + np.where(hit, t, 0.0)[:, None] * d
+  tile = (np.floor(points[:, 0]) + np.floor(points[:, 1])) % 2
+  albedo *= np.where(inst == GROUND, 1.0 + scene.checker * (2 * tile - 1), 1.0)[:, None]
+
+  cos = np.maximum(n @ scene.light, 0.0)   # sky normals are 0 here
+  idx = np.flatnonzero(cos > 0)            # surfaces turned away need no shadow ray
+  cos[idx[_shadowed(scene, points[idx] + n[idx] * _SHADOW_OFFSET)]] = 0.0
+  colour = albedo * (scene.ambient + (1.0 - scene.ambient) * cos)[:, None]
 
   # Sky: brighter towards the horizon (ray elevation), independent of the far clip.
-  elev = d[~hit, 2] / np.linalg.norm(d[~hit], axis=-1)
-  horizon, zenith = np.array([0.80, 0.86, 0.95]), np.array([0.30, 0.50, 0.85])
-  colour[~hit] = horizon + np.clip(elev * 3.0, 0.0, 1.0)[:, None] * (zenith - horizon)
-  return np.round(np.clip(colour, 0.0, 1.0) ** (1 / 2.2) * 255.0).astype(np.uint8)
+  elev = np.clip(d[:, 2] / np.linalg.norm(d, axis=-1) * 3.0, 0.0, 1.0)
+  sky = _HORIZON + elev[:, None] * (_ZENITH - _HORIZON)
+  colour = np.where(hit[:, None], colour, sky)
+  return _GAMMA_LUT[np.round(np.clip(colour, 0.0, 1.0) * _GAMMA_STEPS).astype(np.int32)]
 
 
 def render_scene(seed: int, resolution: int, *, with_instances: bool = False
