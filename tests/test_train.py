@@ -205,3 +205,9 @@ def test_end_to_end_with_the_real_parts(tmp_path):
   assert 0.0 <= scores['eval/depth/delta1'] <= 1.0
   assert 0.0 <= scores['eval/normal/mean_deg'] <= 180.0
   assert os.path.exists(os.path.join(workdir, 'eval', 'step_000002.json'))
+
+
+def test_ema_decay_warms_up_then_holds():
+  decays = [float(ts.ema_decay_at(s, 0.999)) for s in (0, 10, 1000, 100000)]
+  np.testing.assert_allclose(decays[:3], [0.1, 11 / 20, 0.999], rtol=1e-6)
+  assert decays[3] == pytest.approx(0.999)
