@@ -51,7 +51,9 @@ class Checkpointer:
   """Saves every `config.train.checkpoint_every` steps, keeps `keep_checkpoints`."""
 
   def __init__(self, workdir: str | os.PathLike, config: ml_collections.ConfigDict):
-    self.workdir = epath.Path(workdir)
+    # Orbax writes through TensorStore, which needs absolute paths (local or gs://).
+    path = epath.Path(workdir)
+    self.workdir = path if path.is_absolute() or '://' in str(workdir) else path.absolute()
     self.directory = self.workdir / CHECKPOINT_DIR
     self._config_json = json.loads(config.to_json_best_effort())
     options = ocp.CheckpointManagerOptions(

@@ -153,3 +153,10 @@ def test_empty_workdir_restores_nothing(config, tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path, config)
   assert ckpt.restore_latest(_plan((8, 1, 1), config).abstract, None) is None
   ckpt.close()
+
+
+def test_a_relative_workdir_is_made_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  ckpt = checkpoint.Checkpointer('relative/workdir', tiny_task.tiny_config())
+  assert ckpt.directory.is_absolute() and str(ckpt.directory).startswith(str(tmp_path))
+  ckpt.close()
