@@ -28,3 +28,16 @@ def pytest_configure(config):
 def parity_dir():
   """Where the parity vectors copied from ../shared/parity live."""
   return os.path.join(os.path.dirname(__file__), 'data')
+
+
+# The small scenes build the data tests share: 24 train and 8 validation records.
+SCENES_TEST_BUILD = 'res32_n24_8'
+
+
+@pytest.fixture(scope='session')
+def scenes_data_dir(tmp_path_factory):
+  """A TFDS data dir holding SCENES_TEST_BUILD, built once per test session."""
+  from mmgen_jax.data import tfds_scenes  # pylint: disable=g-import-not-at-top
+  path = tmp_path_factory.mktemp('tfds')
+  tfds_scenes.build(SCENES_TEST_BUILD, path)
+  return str(path)

@@ -12,14 +12,12 @@ from mmgen_jax.data import pipeline
 from mmgen_jax.data import scenes
 from mmgen_jax.data import tfds_scenes
 
-CONFIG = 'res32_n24_8'
+from tests.conftest import SCENES_TEST_BUILD as CONFIG
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp('tfds')
-  tfds_scenes.build(CONFIG, path)
-  return str(path)
+@pytest.fixture(scope='session')
+def data_dir(scenes_data_dir):
+  return scenes_data_dir
 
 
 def _source(data_dir, split, **kwargs):

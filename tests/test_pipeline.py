@@ -13,16 +13,13 @@ from mmgen_jax import modalities
 from mmgen_jax import parallel
 from mmgen_jax.data import palettes
 from mmgen_jax.data import pipeline
-from mmgen_jax.data import tfds_scenes
 
-BUILDER_CONFIG = 'res32_n24_8'
+from tests.conftest import SCENES_TEST_BUILD as BUILDER_CONFIG
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp('tfds')
-  tfds_scenes.build(BUILDER_CONFIG, path)
-  return str(path)
+@pytest.fixture(scope='session')
+def data_dir(scenes_data_dir):
+  return scenes_data_dir
 
 
 def make_config(data_dir, **data):

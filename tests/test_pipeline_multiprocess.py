@@ -16,11 +16,9 @@ from tests.test_pipeline import assert_batches_equal, make_config, take
 BUILDER_CONFIG = 'res32_n24_10'  # 10 validation records: shards of 5, batches of 2 pad the last
 
 
-@pytest.fixture(scope='module')
-def tiny_data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp('tfds')
-  tfds_scenes.build('res32_n24_8', path)
-  return str(path)
+@pytest.fixture(scope='session')
+def tiny_data_dir(scenes_data_dir):
+  return scenes_data_dir
 
 
 def _free_port() -> int:
