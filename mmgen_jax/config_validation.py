@@ -59,15 +59,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   return warnings
 
 
-def model_kwargs(config: ml_collections.ConfigDict) -> dict:
-  """The DiT's constructor arguments as training builds it (MT-Diffusion: its trunk layout)."""
-  from mmgen_jax.models import build  # pylint: disable=g-import-not-at-top
-  return build.model_kwargs(config)
-
-
 def patch_input_size(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(patch_size, model input channels, patch_size² × channels) of the configured model."""
-  kwargs = model_kwargs(config)
+  from mmgen_jax.models import build  # pylint: disable=g-import-not-at-top
+  kwargs = build.model_kwargs(config)
   p, ch = kwargs['patch_size'], kwargs['in_channels']
   return p, ch, p * p * ch
 

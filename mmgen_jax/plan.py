@@ -33,6 +33,7 @@ from mmgen_jax import config_validation
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax import parallel
 from mmgen_jax import train_state
+from mmgen_jax.models import build
 
 GiB = 2 ** 30
 _ITEMSIZE = {'float32': 4, 'bfloat16': 2, 'float16': 2}
@@ -78,7 +79,7 @@ class Plan:
 def abstract_batch(config: ml_collections.ConfigDict, batch_size: int
                    ) -> dict[str, jax.ShapeDtypeStruct]:
   """One batch in model space: images (B, s, s, C) float32, classes and 'label' (B,) int32."""
-  s = config_validation.model_kwargs(config)['input_size']
+  s = build.model_kwargs(config)['input_size']
   latent = config.codec.name != 'identity'
   out = {'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   for m in modalities_lib.from_config(config.modalities):
@@ -125,7 +126,7 @@ def analytic_forward_flops(config: ml_collections.ConfigDict) -> float:
   projection, MLP, adaLN modulation), the REPA projector and the output
   layers; leaves out the small time/label embedders and MT-Diffusion encoders.
   """
-  kw = config_validation.model_kwargs(config)
+  kw = build.model_kwargs(config)
   p, d, depth, r = kw['patch_size'], kw['hidden_size'], kw['depth'], kw['mlp_ratio']
   t = (kw['input_size'] // p) ** 2
   flops = 2 * t * p * p * kw['in_channels'] * d
@@ -153,7 +154,7 @@ def analytic_activation_bytes(config: ml_collections.ConfigDict, per_device_batc
   its recompute.
   Tensor parallelism divides the per-head and MLP parts.
   """
-  kw = config_validation.model_kwargs(config)
+  kw = build.model_kwargs(config)
   d, depth, r, heads = kw['hidden_size'], kw['depth'], kw['mlp_ratio'], config.model.num_heads
   t = (kw['input_size'] // kw['patch_size']) ** 2
   e = _ITEMSIZE[config.model.dtype]
@@ -199,7 +200,7 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
       activations=analytic_activation_bytes(config, per_device_batch, mesh_sizes['tensor']))
   memory['total'] = sum(memory.values())
 
-  kw = config_validation.model_kwargs(config)
+  kw = build.model_kwargs(config)
   analytic = 3.0 * batch * analytic_forward_flops(config)  # backward ≈ 2 × forward
   flops, source = analytic, 'analytic'
   abatch = abstract_batch(config, batch)
