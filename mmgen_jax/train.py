@@ -10,6 +10,7 @@ builds them from the config, tests pass small stand-ins.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -92,9 +93,11 @@ def make_sample_fn(config: ml_collections.ConfigDict
                    ) -> Callable[[nnx.Module, jax.Array], dict[str, np.ndarray]]:
   """Sample grids: joint generation from class labels, and understanding from RGB.
 
-  Each grid has one row per modality (depth as a colour map, normals as RGB,
-  segmentation in its palette colours). The RGB inputs for understanding are
-  the first validation images, the same on every process.
+  Each grid has one labelled row per modality (depth as a colour map, normals
+  as RGB, segmentation in its palette colours); tiles are enlarged to at least
+  64 pixels. The RGB inputs for understanding are the first validation images,
+  the same on every process; their grid shows the input, then the predictions
+  ('pred/…'), then the truths ('true/…').
   """
   from mmgen_jax import visualize  # pylint: disable=g-import-not-at-top
   from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -102,6 +105,7 @@ def make_sample_fn(config: ml_collections.ConfigDict
   images = modalities_lib.images(mods)
   n, res = int(config.sample.num_images), int(config.data.resolution)
   num_classes = int(config.data.num_classes)
+  grid = functools.partial(visualize.make_grid, scale=max(1, -(-64 // res)), labels=True)
   cache = {}
 
   def held_out() -> dict[str, np.ndarray]:
@@ -123,7 +127,7 @@ def make_sample_fn(config: ml_collections.ConfigDict
               path=config.objective.path, prediction=config.objective.prediction)
     k_joint, k_cond = jax.random.split(rng)
     y = np.arange(n, dtype=np.int32) % num_classes
-    grids = {'joint': visualize.make_grid(rows(samplers.sample(model, k_joint, y=y, **kw)))}
+    grids = {'joint': grid(rows(samplers.sample(model, k_joint, y=y, **kw)))}
     first = images[0].name
     if len(images) > 1:
       ref = held_out()
@@ -132,7 +136,7 @@ def make_sample_fn(config: ml_collections.ConfigDict
       given = rows({first: ref[first]}, 'input/')
       truth = rows({m.name: ref[m.name] for m in images[1:]}, 'true/')
       pred = rows({m.name: out[m.name] for m in images[1:]}, 'pred/')
-      grids[f'from_{first}'] = visualize.make_grid({**given, **pred, **truth})
+      grids[f'from_{first}'] = grid({**given, **pred, **truth})
     return grids
 
   def sample_mt(model, rng) -> dict[str, np.ndarray]:
@@ -141,7 +145,7 @@ def make_sample_fn(config: ml_collections.ConfigDict
     y = None if modalities_lib.classes(mods) else np.arange(n, dtype=np.int32) % num_classes
     out = mt_elbo.sample(model, rng, mods=mods, cfg=config.objective, num=n,
                          num_classes=num_classes, y=y, num_steps=int(config.sample.num_steps))
-    return {'joint': visualize.make_grid(rows(out))}
+    return {'joint': grid(rows(out))}
 
   return sample_mt if config.objective.name == 'mt_elbo' else sample_decoupled
 

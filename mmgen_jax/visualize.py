@@ -1,6 +1,6 @@
 """Turning modality arrays into pictures: colour maps, sample grids, PNG files.
 
-Pure numpy; PIL only writes the file. Display conversions saturate values
+Pure numpy; PIL only writes the file and draws row labels. Display conversions saturate values
 outside the displayable range (generated samples overshoot [-1, 1] a little);
 that is the only clipping, and it never touches data used for training or
 metrics.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from mmgen_jax.data import palettes
 
@@ -94,14 +94,19 @@ def modality_to_rgb(array: np.ndarray, encoding: str, palette: str | np.ndarray 
                    f"'rgb', 'depth', 'normal', 'segmentation'.")
 
 
-def make_grid(rows: dict[str, np.ndarray], pad: int = 2, pad_value: int = 255) -> np.ndarray:
+def make_grid(rows: dict[str, np.ndarray], pad: int = 2, pad_value: int = 255,
+              scale: int = 1, labels: bool = False) -> np.ndarray:
   """One row per modality (in dict order), one column per sample: uint8 (H', W', 3).
 
-  Every row is uint8 (N, H, W, 3) with the same N, H and W. Tiles are separated
-  and framed by `pad` pixels of `pad_value`.
+  Every row is uint8 (N, H, W, 3) with the same N, H and W. Tiles are enlarged
+  `scale` times (nearest neighbour, so pixels stay visible at 32×32), then
+  separated and framed by `pad` pixels of `pad_value`. With `labels`, a margin on
+  the left names each row (the dict key).
   """
   if not rows:
     raise ValueError('make_grid needs at least one row.')
+  if int(scale) != scale or scale < 1:
+    raise ValueError(f'make_grid scale must be a positive integer; got {scale!r}.')
   shapes = {name: np.shape(x) for name, x in rows.items()}
   first_name, first = next(iter(shapes.items()))
   for name, x in rows.items():
@@ -111,13 +116,32 @@ def make_grid(rows: dict[str, np.ndarray], pad: int = 2, pad_value: int = 255) -
     if x.shape != first:
       raise ValueError(f'grid row {name!r} has shape {x.shape} but row {first_name!r} has '
                        f'{first}; all rows must match.')
-  n, h, w, _ = first
+  n, h, w = first[0], first[1] * scale, first[2] * scale
   grid = np.full((pad + len(rows) * (h + pad), pad + n * (w + pad), 3), pad_value, np.uint8)
   for r, x in enumerate(rows.values()):
+    x = np.asarray(x).repeat(scale, axis=1).repeat(scale, axis=2)
     for c in range(n):
       top, left = pad + r * (h + pad), pad + c * (w + pad)
       grid[top:top + h, left:left + w] = x[c]
+  if labels:
+    grid = _label_rows(grid, list(rows), row_height=h, pad=pad, pad_value=pad_value)
   return grid
+
+
+def _label_rows(grid: np.ndarray, names: list[str], row_height: int, pad: int,
+                pad_value: int) -> np.ndarray:
+  """Prepends a margin with each row's name, vertically centred on its row."""
+  font = ImageFont.load_default()
+  measure = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+  width = pad + max(int(np.ceil(measure.textlength(name, font=font))) for name in names) + 4
+  margin = Image.new('RGB', (width, grid.shape[0]), (pad_value,) * 3)
+  draw = ImageDraw.Draw(margin)
+  ink = (0, 0, 0) if pad_value >= 128 else (255, 255, 255)
+  for r, name in enumerate(names):
+    top, _, _, bottom = draw.textbbox((0, 0), name, font=font)
+    y = pad + r * (row_height + pad) + (row_height - (bottom - top)) // 2 - top
+    draw.text((pad + 2, y), name, fill=ink, font=font)
+  return np.concatenate([np.asarray(margin, np.uint8), grid], axis=1)
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:

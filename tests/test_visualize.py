@@ -137,3 +137,24 @@ def test_scene_grid_end_to_end(tmp_path):
   assert grid.shape == (2 + 4 * 34, 2 + 4 * 34, 3)
   visualize.save_png(tmp_path / 'scenes.png', grid)
   assert (tmp_path / 'scenes.png').stat().st_size > 1000
+
+
+def test_make_grid_scales_tiles_and_labels_rows():
+  n, h, w, pad, scale = 2, 4, 5, 2, 3
+  rows = {'rgb': np.full((n, h, w, 3), 10, np.uint8), 'pred/depth': np.full((n, h, w, 3), 20, np.uint8)}
+  rows['rgb'][0, 0, 0] = 200                                             # one marked pixel
+  plain = visualize.make_grid(rows, pad=pad, scale=scale)
+  assert plain.shape == (pad + 2 * (h * scale + pad), pad + n * (w * scale + pad), 3)
+  # Nearest-neighbour enlargement: the marked pixel becomes a scale × scale block.
+  assert np.all(plain[pad:pad + scale, pad:pad + scale] == 200)
+  assert np.all(plain[pad + scale, pad:pad + scale] == 10)
+
+  labelled = visualize.make_grid(rows, pad=pad, scale=scale, labels=True)
+  margin = labelled.shape[1] - plain.shape[1]
+  assert labelled.shape[0] == plain.shape[0] and margin > 20              # room for 'pred/depth'
+  np.testing.assert_array_equal(labelled[:, margin:], plain)             # tiles untouched
+  ink = labelled[:, :margin].min(axis=(1, 2)) < 128                      # rows of text pixels
+  row_of = lambda y: (y - pad) // (h * scale + pad)
+  assert {row_of(y) for y in np.flatnonzero(ink)} == {0, 1}             # each row has its label
+  with pytest.raises(ValueError, match='scale'):
+    visualize.make_grid(rows, scale=0)
