@@ -35,6 +35,11 @@ from mmgen_jax import train_state as ts_lib
 Batch = Mapping[str, Any]
 
 
+# Steps dispatched ahead of the newest finished one: 2 keeps the device busy
+# while the host prepares the next batch.
+_MAX_STEPS_IN_FLIGHT = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Parts:
   """What the loop trains; everything else comes from the config.
@@ -335,6 +340,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           state, metrics = compiled(state, batch)
         pending.append((step, metrics))
         window_steps += 1
+        if len(pending) > _MAX_STEPS_IN_FLIGHT:
+          # Dispatch is asynchronous: without this wait the loop runs ahead of the
+          # device (unboundedly on CPU), holding every queued batch and making the
+          # reported steps/s and ETA measure dispatch instead of training.
+          jax.block_until_ready(pending[-_MAX_STEPS_IN_FLIGHT - 1][1])
         if report:
           report(step)  # steps/s and ETA
 
@@ -362,6 +372,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             scalars['perf/tflops_per_sec_per_device'] = flops * steps_per_sec / 1e12
             if float(config.train.peak_flops) > 0:
               scalars['perf/mfu'] = flops * steps_per_sec / float(config.train.peak_flops)
+          data_stats = getattr(data_iter, 'stats', None)
+          if data_stats is not None:  # this process's count, since the run's first step
+            scalars['data/skipped_records'] = data_stats.skipped
           writer.write_scalars(step, scalars)
           window.clear()
           window_start, window_steps = time.perf_counter(), 0
@@ -381,6 +394,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   finally:
     ckpt.close()  # waits for the async saves of good states
     writer.close()
+    if getattr(data_iter, 'stats', None) is not None:
+      data_iter.stats.log()  # batches read and bad records skipped, if any
 
   return {**last_metrics, 'step': step, 'preempted': preempted, 'loss_history': loss_history,
           'flops_per_step_per_device': flops}

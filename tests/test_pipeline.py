@@ -353,6 +353,18 @@ def test_skip_mode_counts_bad_records_and_keeps_batches_full(records, data_dir):
   assert all(any(f'train[{i}]' in r for i in bad) for r in stats.reasons)
   assert 'bad records skipped' in stats.summary()
 
+  # The counts are part of the iterator state: a resumed iterator carries them on.
+  state = it.get_state()
+  resumed = pipeline.make_iterator(config, 'train', train=True, source=source)
+  resumed.set_state(state)
+  assert (resumed.stats.batches, resumed.stats.skipped) == (6, stats.skipped)
+  assert resumed.stats.reasons == stats.reasons
+  take(resumed, 6)
+  take(it, 6)
+  assert resumed.stats.skipped == stats.skipped >= 12  # same stream, same totals
+  with pytest.raises(ValueError, match='pipeline'):
+    resumed.set_state(state['pipeline'])
+
   stats = pipeline.PipelineStats('eval')
   batches = list(pipeline.make_iterator(config, 'train', train=False, source=source,
                                         stats=stats))

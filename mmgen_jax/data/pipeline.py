@@ -105,6 +105,16 @@ class PipelineStats:
       self.log()
     return batch
 
+  def state(self) -> dict[str, Any]:
+    """The counts, for the iterator's checkpoint (JSON-serialisable)."""
+    with self._lock:
+      return {'batches': self.batches, 'skipped': self.skipped, 'reasons': list(self.reasons)}
+
+  def restore(self, state: Mapping[str, Any]) -> None:
+    with self._lock:
+      self.batches, self.skipped = int(state['batches']), int(state['skipped'])
+      self.reasons = list(state['reasons'])
+
   def summary(self) -> str:
     first = f'; first: {self.reasons[0]}' if self.reasons else ''
     return (f'{self.name}: {self.batches} batches, {self.skipped} bad records skipped'
@@ -492,6 +502,38 @@ class _FullBatchIterator(grain.DatasetIterator):
     return f'FullBatchIterator(batch_size={self._batch_size})'
 
 
+class _CountingIterator(grain.DatasetIterator):
+  """Counts skips in the main process; the counts are part of the iterator's state,
+  so a resumed run reports the totals since its start, not since the resume."""
+
+  def __init__(self, parent: grain.DatasetIterator, stats: PipelineStats):
+    super().__init__(parent)
+    self.stats = stats
+
+  def __next__(self) -> Example:
+    return self.stats.consume(next(self._parent))
+
+  def get_state(self) -> dict[str, Any]:
+    return {'pipeline': self._parent.get_state(), 'stats': self.stats.state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if set(state) != {'pipeline', 'stats'}:
+      raise ValueError(f'data iterator state has keys {sorted(state)}; expected '
+                       "['pipeline', 'stats'] (a checkpoint of a different pipeline?).")
+    self._parent.set_state(state['pipeline'])
+    self.stats.restore(state['stats'])
+
+
+class _Counting(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset, stats: PipelineStats):
+    super().__init__(parent)
+    self._stats = stats
+
+  def __iter__(self) -> _CountingIterator:
+    return _CountingIterator(self._parent.__iter__(), self._stats)
+
+
 class _FullBatches(grain.IterDataset):
   """Batches `batch_size` good examples, counting the skipped ones between them.
 
@@ -572,15 +614,17 @@ def make_dataset(config: Any, split: str, *, train: bool, process_index: int | N
     flags.FLAGS.mark_as_parsed()
   it = it.mp_prefetch(grain.MultiprocessingOptions(
       num_workers=d.worker_count, per_worker_buffer_size=d.worker_buffer_size))
-  stats = PipelineStats(split) if stats is None else stats
-  return it.map(stats.consume)
+  return _Counting(it, PipelineStats(split) if stats is None else stats)
 
 
 def make_iterator(config: Any, split: str, *, train: bool, process_index: int | None = None,
                   process_count: int | None = None,
                   source: Sequence[Mapping[str, Any]] | None = None,
                   stats: PipelineStats | None = None) -> grain.DatasetIterator:
-  """The checkpointable Grain iterator over this process's numpy batches."""
+  """The checkpointable Grain iterator over this process's numpy batches.
+
+  Its `stats` (a `PipelineStats`) count the batches and skipped records.
+  """
   return iter(make_dataset(config, split, train=train, process_index=process_index,
                            process_count=process_count, source=source, stats=stats))
 
