@@ -135,7 +135,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   if seen == 0:
     raise ValueError(f'evaluate: split {config.data.eval_split!r} yielded no valid examples.')
 
-  results: dict[str, float] = {'eval/num_examples': float(seen)}
+  # Bad records (config.data.on_bad_record='skip') are left out of the scores: say how many.
+  skipped = multihost_utils.process_allgather(np.asarray(it.stats.skipped), tiled=False)
+  results: dict[str, float] = {'eval/num_examples': float(seen),
+                               'eval/skipped_records': float(np.sum(skipped))}
+  if results['eval/skipped_records']:
+    it.stats.log()
   gt_by_encoding = {}
   seg_classes = len(scenes.SEMANTIC_CLASSES)
   for m in images[1:]:

@@ -107,6 +107,11 @@ def main(argv: list[str]) -> None:
   parallel.initialize_distributed()
   config_validation.validate(config)
   logging.info('%s', config_validation.describe(config))
+  run(config, mode, workdir)
+
+
+def run(config, mode: str, workdir: str | None) -> None:
+  """The work of one mode other than plan, on a validated config."""
   if mode in ('data', 'all'):
     ensure_data(config)
   if mode == 'data':
@@ -114,6 +119,12 @@ def main(argv: list[str]) -> None:
   if mode in ('train', 'all'):
     from mmgen_jax import train  # pylint: disable=g-import-not-at-top
     metrics = train.train_and_evaluate(config, workdir)  # writes grids at the last step
+    if metrics.get('preempted'):
+      # A preempted job has seconds left: it saved at the step boundary; evaluation
+      # waits for the run to finish.
+      logging.warning('Stopped by a signal at step %s; run the same command to resume.',
+                      metrics.get('step'))
+      return
     logging.info('Training done at step %s: loss %s.', metrics.get('step'), metrics.get('loss'))
   if mode == 'sample':
     write_samples(config, workdir)

@@ -91,3 +91,19 @@ def test_plan_compiles_for_a_target_device_count():
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'devices: 4 (mesh data=4 fsdp=1 tensor=1)' in r.stdout
   assert 'compiled on 4 cpu devices (XLA memory_analysis, per device)' in r.stdout
+
+
+def test_a_preempted_run_stops_before_sampling_or_evaluating(monkeypatch, tmp_path, capsys):
+  from mmgen_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('tiny', TINY)
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  calls = []
+  monkeypatch.setattr(main_lib, 'ensure_data', lambda config: calls.append('data'))
+  monkeypatch.setattr(train, 'train_and_evaluate',
+                      lambda config, workdir: calls.append('train') or {'step': 7,
+                                                                       'preempted': True})
+  monkeypatch.setattr(evaluate, 'evaluate', lambda config, workdir: calls.append('evaluate'))
+  main_lib.run(tiny.get_config(), 'all', str(tmp_path))
+  assert calls == ['data', 'train']  # the grace period is for saving, not for evaluating
+  assert 'Outputs in' not in capsys.readouterr().out

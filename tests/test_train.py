@@ -199,7 +199,7 @@ def test_end_to_end_with_the_real_parts(tmp_path):
   from mmgen_jax import evaluate  # pylint: disable=g-import-not-at-top
   config.eval.num_examples = 0
   scores = evaluate.evaluate(config, workdir)
-  assert scores['eval/num_examples'] == 8
+  assert scores['eval/num_examples'] == 8 and scores['eval/skipped_records'] == 0
   for key in ('depth/abs_rel', 'depth/delta1', 'normal/mean_deg', 'segmentation/miou'):
     assert np.isfinite(scores[f'eval/{key}']) and np.isfinite(scores[f'eval/baseline/{key}']), key
   assert 0.0 <= scores['eval/depth/delta1'] <= 1.0
