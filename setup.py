@@ -4,7 +4,7 @@ Tested (2026-11, CPU, Python 3.11): jax 0.10.2, flax 0.12.8, optax 0.2.8,
 orbax-checkpoint 0.12.8, grain 0.2.18, ml_collections 1.1.0,
 tensorflow-datasets 4.9.10, array-record 0.8.6, clu 0.0.12,
 tensorflow-cpu 2.21.0, tensorboard 2.21.0, numpy 2.4.6, pillow 13.0.0,
-safetensors 0.8.0, pytest 9.2.0.
+safetensors 0.8.0, etils 1.15.0, pytest 9.2.0.
 """
 
 import setuptools
@@ -25,6 +25,7 @@ CORE = [
     'pillow>=10',
     'safetensors>=0.4,<1',
     'absl-py>=2',
+    'etils[epath]>=1.7',  # paths that may be local or gs:// (checkpoints, grids, scores)
     'tqdm>=4.60',
     'importlib_resources>=6',  # tensorflow-datasets imports it but declares it only for old Pythons
 ]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs mmgen_jax on every worker of a Cloud TPU VM slice (one process per host;
-# JAX finds the other hosts itself from the TPU metadata).
+# with MMGEN_AUTO_DISTRIBUTED=1, set below, JAX finds the other hosts itself from
+# the TPU metadata and joins them, which also enables its preemption notices).
 #
 #   TPU_NAME=mmgen-v5p-32 ZONE=us-east5-a launch/tpu_vm.sh setup
 #   TPU_NAME=mmgen-v5p-32 ZONE=us-east5-a launch/tpu_vm.sh run \
@@ -39,7 +40,7 @@ case "$cmd" in
     ;;
   run)
     args=$(printf '%q ' "$@")
-    run="cd ~/$REPO_DIR && .venv/bin/python -m mmgen_jax.main $args"
+    run="cd ~/$REPO_DIR && MMGEN_AUTO_DISTRIBUTED=1 .venv/bin/python -m mmgen_jax.main $args"
     if [[ "$DETACH" == 1 ]]; then
       on_all_workers "nohup bash -c $(printf '%q' "$run") > ~/mmgen.log 2>&1 < /dev/null & echo started on \$(hostname), log ~/mmgen.log"
     else
@@ -47,7 +48,8 @@ case "$cmd" in
     fi
     ;;
   stop)
-    on_all_workers "pkill -TERM -f -- '-m mmgen_jax.main' || true"
+    # '[-]m' keeps the pattern from matching this remote shell's own command line.
+    on_all_workers "pkill -TERM -f -- '[-]m mmgen_jax.main' || true"
     ;;
   *)
     echo "usage: $0 setup | run [mmgen_jax.main flags...] | stop" >&2

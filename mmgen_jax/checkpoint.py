@@ -8,15 +8,17 @@ Layout: `<workdir>/checkpoints/<step>/{state, data, config}`.
 Saves are asynchronous (the arrays are copied off the devices before `save`
 returns, so the next step may donate them). A restore reads onto whatever
 shardings the caller asks for, so a run saved on one mesh resumes on another.
-A latest step that cannot be restored (damaged or missing files) is logged,
-moved aside to `<workdir>/corrupt_checkpoints/` and the previous step is used.
+A latest step that cannot be restored while an older one can (damaged or
+missing files) is logged, moved aside to `<workdir>/corrupt_checkpoints/` and
+the older step is used. When no step restores, nothing is moved: that is a
+mismatch between the run and its checkpoints (model size, RNG implementation,
+process count, data pipeline), and the error says so.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any
 
@@ -26,6 +28,7 @@ import grain
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -50,7 +53,10 @@ class _IteratorSnapshot:
 class Checkpointer:
   """Saves every `config.train.checkpoint_every` steps, keeps `keep_checkpoints`."""
 
-  def __init__(self, workdir: str | os.PathLike, config: ml_collections.ConfigDict):
+  def __init__(self, workdir: str | os.PathLike, config: ml_collections.ConfigDict,
+               read_only: bool = False):
+    """read_only: for jobs beside a training run (sample, evaluate): they neither
+    clean up its in-progress saves nor move its checkpoints aside."""
     # Orbax writes through TensorStore, which needs absolute paths (local or gs://).
     path = epath.Path(workdir)
     self.workdir = path if path.is_absolute() or '://' in str(workdir) else path.absolute()
@@ -60,9 +66,12 @@ class Checkpointer:
         save_interval_steps=max(1, int(config.train.checkpoint_every)),
         max_to_keep=int(config.train.keep_checkpoints) or None,
         enable_async_checkpointing=True,
-        create=True,
-        cleanup_tmp_directories=True,  # saves cut short (killed mid-write) never count
+        create=not read_only,
+        # Saves cut short (killed mid-write) never count; a reader must not remove
+        # the saves a running training job is still writing.
+        cleanup_tmp_directories=not read_only,
     )
+    self.read_only = read_only
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=('state', 'data', 'config'),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -100,36 +109,50 @@ class Checkpointer:
                      ) -> tuple[Any, int] | None:
     """(state, step) from the newest restorable step, or None if there is none.
 
-    A step that fails to restore is logged with the reason and moved aside, and
-    the one before it is tried; if every step fails the run stops (starting
-    from scratch would silently discard the training done so far).
+    Steps are tried newest first. The newer steps that failed while an older one
+    restores are damaged: each is logged with its reason and moved aside (unless
+    read-only). If every step fails, nothing is moved and the run stops: starting
+    from scratch would silently discard the training done so far, and a failure
+    shared by every step points at the run's setup, not at the files. On several
+    processes a step counts as restored only if it restored on all of them.
     """
     self._manager.wait_until_finished()
-    failures = []
+    failures: list[tuple[int, str]] = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        state = self.restore(step, abstract_state, data_iter)
+        state, reason = self.restore(step, abstract_state, data_iter), ''
       except Exception as e:  # pylint: disable=broad-except
-        reason = f'{type(e).__name__}: {e}'
-        logging.error('Checkpoint step %d in %s cannot be restored (%s); falling back to the '
-                      'previous checkpoint.', step, self.directory, reason)
-        failures.append(f'step {step}: {reason}')
-        self._quarantine(step)
+        state, reason = None, f'{type(e).__name__}: {e}'
+      if not _restored_everywhere(not reason, step):
+        reason = reason or 'restored here but not on every process'
+        logging.error('Checkpoint step %d in %s cannot be restored (%s); trying the one '
+                      'before it.', step, self.directory, reason)
+        failures.append((step, reason))
         continue
+      for bad, _ in failures:
+        self._quarantine(bad)
       logging.info('Restored checkpoint step %d from %s.', step, self.directory)
       return state, step
     if failures:
-      raise RuntimeError(f'no checkpoint in {self.directory} could be restored (moved to '
-                         f'{self.workdir / CORRUPT_DIR}):\n' + '\n'.join(failures))
+      raise RuntimeError(
+          f'no checkpoint in {self.directory} could be restored, and none was moved. When '
+          'every step fails alike, the run differs from the one that saved them: compare '
+          'the model, train.rng_impl, data.worker_count and the process count with the '
+          "config saved beside each step ('config' item).\n"
+          + '\n'.join(f'step {step}: {reason}' for step, reason in failures))
     return None
 
   def _quarantine(self, step: int) -> None:
-    """Moves a bad step out of the manager's directory, so the step can be saved again."""
+    """Moves a damaged step out of the manager's directory, so it can be saved again."""
+    if self.read_only:
+      logging.error('Checkpoint step %d in %s looks damaged; left in place (read-only).',
+                    step, self.directory)
+      return
     if jax.process_index() == 0:
       dest = self.workdir / CORRUPT_DIR / f'{step}.{int(time.time())}'
       dest.parent.mkdir(parents=True, exist_ok=True)
-      shutil.move(os.fspath(self.directory / str(step)), os.fspath(dest))
-      logging.error('Moved the bad checkpoint step %d to %s.', step, dest)
+      (self.directory / str(step)).rename(dest)  # epath: local disks and gs:// alike
+      logging.error('Moved the damaged checkpoint step %d to %s.', step, dest)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'mmgen_quarantine_{step}')
     self._manager.reload()
@@ -140,3 +163,14 @@ class Checkpointer:
   def close(self) -> None:
     """Waits for pending saves, then releases the manager."""
     self._manager.close()
+
+
+def _restored_everywhere(ok: bool, step: int) -> bool:
+  """Whether every process restored `step` (one process: `ok` itself)."""
+  if jax.process_count() == 1:
+    return ok
+  oks = multihost_utils.process_allgather(np.asarray(ok, np.int32))
+  if not np.all(oks):
+    logging.error('Checkpoint step %d: restored on processes %s of %d.', step,
+                  np.flatnonzero(oks).tolist(), jax.process_count())
+  return bool(np.all(oks))

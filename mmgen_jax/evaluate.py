@@ -20,12 +20,12 @@ Results go to the clu writer (TensorBoard) and to `<workdir>/eval/step_XXXXXX.js
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
 from absl import logging
 from clu import metric_writers
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -50,7 +50,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
                              ts_lib.make_schedule(config.optim, config.train.num_steps))
   plan = ts_lib.plan_train_state(parts.model_fn, tx, mesh, config.sharding_rules,
                                  int(config.seed), config.train.rng_impl)
-  ckpt = checkpoint_lib.Checkpointer(workdir, config)
+  ckpt = checkpoint_lib.Checkpointer(workdir, config, read_only=True)  # may run beside training
   try:
     restored = ckpt.restore_latest(plan.abstract, None)
   finally:
@@ -113,8 +113,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   for i, batch in enumerate(it):
     if limit and seen >= limit:
       break
-    valid = np.asarray(batch['valid'])
-    if not valid.any():
+    # Decided on the global batch: one process's shard may end a batch earlier, and
+    # a process leaving the loop alone would leave the others waiting in the sampler.
+    if not np.any(multihost_utils.process_allgather(np.asarray(batch['valid']))):
       break  # every process has run out of records: only padding is left
     fields = {m.name: {'depth': f'{m.name}_raw', 'segmentation': f'{m.name}_ids'}.get(
         m.encoding, m.name) for m in images[1:]}
@@ -164,10 +165,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     writer = metric_writers.create_default_writer(workdir, just_logging=False)
     writer.write_scalars(step, results)
     writer.flush()
-    path = os.path.join(workdir, 'eval', f'step_{step:06d}.json')
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump({'step': step, **results}, f, indent=1, sort_keys=True)
+    path = epath.Path(workdir) / 'eval' / f'step_{step:06d}.json'  # local or gs://
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({'step': step, **results}, indent=1, sort_keys=True))
     logging.info('evaluate: wrote %s', path)
   return results
 

@@ -95,6 +95,10 @@ _PLAN_COMPILE = flags.DEFINE_bool('plan_compile', True,
                                   '(minutes for large models on CPU); false = analytic + lowered.')
 
 
+# EX_TEMPFAIL: the run stopped early on a signal, saved, and resumes when started again.
+PREEMPTED_EXIT_CODE = 75
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -121,10 +125,11 @@ def run(config, mode: str, workdir: str | None) -> None:
     metrics = train.train_and_evaluate(config, workdir)  # writes grids at the last step
     if metrics.get('preempted'):
       # A preempted job has seconds left: it saved at the step boundary; evaluation
-      # waits for the run to finish.
-      logging.warning('Stopped by a signal at step %s; run the same command to resume.',
-                      metrics.get('step'))
-      return
+      # waits for the run to finish. The exit status tells schedulers the run is
+      # unfinished (a JobSet restarts it; the same command resumes it).
+      logging.warning('Stopped by a signal at step %s; run the same command to resume '
+                      '(exit status %d).', metrics.get('step'), PREEMPTED_EXIT_CODE)
+      raise SystemExit(PREEMPTED_EXIT_CODE)
     logging.info('Training done at step %s: loss %s.', metrics.get('step'), metrics.get('loss'))
   if mode == 'sample':
     write_samples(config, workdir)

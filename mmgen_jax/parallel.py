@@ -196,6 +196,7 @@ def to_host(x: Any) -> np.ndarray:
 # ---- multi-host ---------------------------------------------------------------------
 
 _ENV = ('MMGEN_COORDINATOR', 'MMGEN_NUM_PROCESSES', 'MMGEN_PROCESS_ID')
+_AUTO_ENV = 'MMGEN_AUTO_DISTRIBUTED'  # '1': let JAX detect the cluster (Cloud TPU VMs)
 
 
 def initialize_distributed(coordinator_address: str | None = None,
@@ -205,9 +206,11 @@ def initialize_distributed(coordinator_address: str | None = None,
   """Joins the multi-process job, or does nothing for a single process.
 
   Explicit arguments win, then $MMGEN_COORDINATOR / $MMGEN_NUM_PROCESSES /
-  $MMGEN_PROCESS_ID. With none of them, JAX's cluster auto-detection runs on a
-  TPU VM, SLURM, Open MPI or Kubernetes job; anywhere else it is one process.
-  Call before any other JAX use.
+  $MMGEN_PROCESS_ID. With none of them, JAX's cluster auto-detection runs in a
+  SLURM, Open MPI or GKE TPU job (seen from their environment variables), or
+  wherever $MMGEN_AUTO_DISTRIBUTED=1 says so: a Cloud TPU VM shows itself only
+  through its metadata server, so `launch/tpu_vm.sh` sets it. Anywhere else it
+  is one process. Call before any other JAX use.
   """
   env = os.environ if env is None else env
   coordinator_address = coordinator_address or env.get(_ENV[0]) or None
@@ -229,8 +232,8 @@ def initialize_distributed(coordinator_address: str | None = None,
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
     return
-  if _cluster_detected(env):
-    jax.distributed.initialize()
+  if env.get(_AUTO_ENV) == '1' or _cluster_detected(env):
+    jax.distributed.initialize()  # JAX reads the cluster's size and this process's id
 
 
 def _cluster_detected(env: Mapping[str, str]) -> bool:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging
 from clu import metric_writers
+from etils import epath
 from clu import parameter_overview
 from clu import periodic_actions
 from flax import nnx
@@ -236,6 +237,13 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
+def _sum_over_processes(count: int) -> int:
+  """The sum of a per-process count (a collective when there are several processes)."""
+  if jax.process_count() == 1:
+    return count
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
+
+
 def _flops_per_step(compiled: Any) -> float:
   """Per-device FLOPs of one step from XLA's cost analysis (0 if unavailable)."""
   try:
@@ -258,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   done), 'preempted' and 'loss_history' ({step: loss} for the steps run here).
   """
   parts = parts or default_parts(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   num_steps = int(config.train.num_steps)
@@ -334,7 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           batch = parts.to_global_batch(next(data_iter), mesh, rules)
           if compiled is None:  # compile once, ahead of time, to read the FLOPs
             compiled = step_fn.lower(state, batch).compile()
-            flops = _flops_per_step(compiled)
+            # XLA counts a loop body once: the accumulation scan runs it k times.
+            flops = _flops_per_step(compiled) * int(config.optim.grad_accum_steps)
             batch_size = int(jax.tree.leaves(batch)[0].shape[0])
             window_start = time.perf_counter()
           state, metrics = compiled(state, batch)
@@ -368,13 +377,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           scalars = {f'train/{k}': v for k, v in last_metrics.items()}
           scalars['perf/steps_per_sec'] = steps_per_sec
           scalars['perf/images_per_sec'] = steps_per_sec * batch_size
-          if flops:  # XLA's count for one device's share of the step
+          # XLA's count for one device's share of the step; with model.remat it includes
+          # the recomputed forward, so the utilisation is of the hardware, not the model.
+          if flops:
             scalars['perf/tflops_per_sec_per_device'] = flops * steps_per_sec / 1e12
             if float(config.train.peak_flops) > 0:
               scalars['perf/mfu'] = flops * steps_per_sec / float(config.train.peak_flops)
           data_stats = getattr(data_iter, 'stats', None)
-          if data_stats is not None:  # this process's count, since the run's first step
-            scalars['data/skipped_records'] = data_stats.skipped
+          if data_stats is not None:  # every process reaches this step: sum their counts
+            scalars['data/skipped_records'] = _sum_over_processes(data_stats.skipped)
           writer.write_scalars(step, scalars)
           window.clear()
           window_start, window_steps = time.perf_counter(), 0

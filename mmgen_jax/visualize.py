@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from etils import epath
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -145,13 +146,16 @@ def _label_rows(grid: np.ndarray, names: list[str], row_height: int, pad: int,
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
-  """Writes a uint8 (H, W, 3) or (H, W) image, creating the parent directory."""
+  """Writes a uint8 (H, W, 3) or (H, W) image, creating the parent directory.
+
+  The path may be local or on any file system etils.epath knows (gs://...).
+  """
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3
                                                                and image.shape[-1] != 3):
     raise ValueError(f'save_png expects uint8 (H, W, 3) or (H, W); got {image.dtype} '
                      f'{image.shape}.')
-  parent = os.path.dirname(os.fspath(path))
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  Image.fromarray(image).save(path, format='PNG')
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    Image.fromarray(image).save(f, format='PNG')

@@ -138,15 +138,50 @@ def test_half_written_latest_checkpoint_is_ignored(saved, config, tmp_path):
   assert sorted(p.name for p in steps.iterdir()) == ['1']  # the leftover is cleaned up
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(saved, config, tmp_path):
   workdir, _, _ = saved
   workdir = _copy(workdir, tmp_path / 'w')
   for step in ('1', '2'):
     _drop_metadata(workdir / 'checkpoints' / step)
   ckpt = checkpoint.Checkpointer(workdir, config)
-  with pytest.raises(RuntimeError, match='no checkpoint .* could be restored'):
+  with pytest.raises(RuntimeError, match='no checkpoint .* could be restored, and none was moved'):
     ckpt.restore_latest(_plan((8, 1, 1), config).abstract, None)
   ckpt.close()
+  assert checkpoint.Checkpointer(workdir, config).all_steps() == [1, 2]
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_a_run_that_differs_from_its_checkpoints_is_refused_and_moves_nothing(saved, config,
+                                                                               tmp_path):
+  """Every step failing alike (here: a wider model) is a setup mismatch, not damage."""
+  workdir, _, _ = saved
+  workdir = _copy(workdir, tmp_path / 'w')
+  wider = config.copy_and_resolve_references()
+  wider.model.hidden_size *= 2
+  ckpt = checkpoint.Checkpointer(workdir, wider)
+  with pytest.raises(RuntimeError, match='differs from the one that saved them') as e:
+    ckpt.restore_latest(_plan((8, 1, 1), wider).abstract, None)
+  ckpt.close()
+  assert 'step 2:' in str(e.value) and 'step 1:' in str(e.value)
+  assert checkpoint.Checkpointer(workdir, config).all_steps() == [1, 2]
+  assert not (workdir / checkpoint.CORRUPT_DIR).exists()
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_a_read_only_reader_leaves_damaged_steps_and_saves_in_progress_alone(saved, config,
+                                                                             tmp_path):
+  workdir, state1, _ = saved
+  workdir = _copy(workdir, tmp_path / 'w')
+  steps = workdir / 'checkpoints'
+  _drop_metadata(steps / '2')
+  shutil.copytree(steps / '1', steps / '3.orbax-checkpoint-tmp-1234')  # a save being written
+  ckpt = checkpoint.Checkpointer(workdir, config, read_only=True)
+  state, step = ckpt.restore_latest(_plan((8, 1, 1), config).abstract, None)
+  ckpt.close()
+  assert step == 1
+  _assert_same_values(state, state1)
+  assert sorted(p.name for p in steps.iterdir()) == ['1', '2', '3.orbax-checkpoint-tmp-1234']
 
 
 def test_empty_workdir_restores_nothing(config, tmp_path):

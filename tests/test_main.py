@@ -104,6 +104,8 @@ def test_a_preempted_run_stops_before_sampling_or_evaluating(monkeypatch, tmp_pa
                       lambda config, workdir: calls.append('train') or {'step': 7,
                                                                        'preempted': True})
   monkeypatch.setattr(evaluate, 'evaluate', lambda config, workdir: calls.append('evaluate'))
-  main_lib.run(tiny.get_config(), 'all', str(tmp_path))
+  with pytest.raises(SystemExit) as e:
+    main_lib.run(tiny.get_config(), 'all', str(tmp_path))
+  assert e.value.code == main_lib.PREEMPTED_EXIT_CODE == 75  # unfinished: restart to resume
   assert calls == ['data', 'train']  # the grace period is for saving, not for evaluating
   assert 'Outputs in' not in capsys.readouterr().out

@@ -77,6 +77,17 @@ def test_initialize_distributed_single_process_is_a_no_op_and_checks_arguments()
                                          'MMGEN_NUM_PROCESSES': '2'})
 
 
+def test_initialize_distributed_joins_when_a_cluster_is_detected_or_asked_for(monkeypatch):
+  calls = []
+  monkeypatch.setattr(parallel.jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  parallel.initialize_distributed(env={'MMGEN_AUTO_DISTRIBUTED': '1'})      # Cloud TPU VM
+  parallel.initialize_distributed(env={'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'})
+  parallel.initialize_distributed(env={'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'})  # one task
+  parallel.initialize_distributed(env={'MMGEN_COORDINATOR': 'h:1', 'MMGEN_NUM_PROCESSES': '2',
+                                       'MMGEN_PROCESS_ID': '1'})
+  assert calls == [{}, {}, dict(coordinator_address='h:1', num_processes=2, process_id=1)]
+
+
 # ---- sharded state and steps ----------------------------------------------------------
 
 

@@ -518,8 +518,11 @@ class _CountingIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict[str, Any]) -> None:
     if set(state) != {'pipeline', 'stats'}:
-      raise ValueError(f'data iterator state has keys {sorted(state)}; expected '
-                       "['pipeline', 'stats'] (a checkpoint of a different pipeline?).")
+      # Checkpoints written before the counts were saved hold the bare position.
+      logging.warning('%s: the data iterator state has no skip counts; counting from 0.',
+                      self.stats.name)
+      self._parent.set_state(state)
+      return
     self._parent.set_state(state['pipeline'])
     self.stats.restore(state['stats'])
 
