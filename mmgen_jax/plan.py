@@ -210,7 +210,8 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
     cost = jax.jit(step).lower(bare, abatch).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and cost.get('flops'):
-      flops, source = float(cost['flops']), 'lowered'
+      # XLA counts a loop body once: the gradient-accumulation scan runs it `accum` times.
+      flops, source = float(cost['flops']) * accum, 'lowered'
 
   compiled, backend = None, ''
   if compile:

@@ -56,6 +56,15 @@ def test_tiny_flops_lowered_agree_with_the_analytic_count(tiny_plan):
   assert p.flops_per_step < 6 * p.num_params * tokens
 
 
+def test_gradient_accumulation_keeps_the_flops_of_the_global_batch(tiny_plan):
+  """XLA counts the accumulation loop's body once; the plan counts every micro-batch."""
+  c = tiny()
+  c.optim.grad_accum_steps = 2
+  p = plan.make_plan(c, num_devices=8, lower=True)
+  assert p.flops_source == 'lowered'
+  assert p.flops_per_step == pytest.approx(tiny_plan.flops_per_step, rel=0.02)
+
+
 def test_tiny_state_memory_is_replicated_on_a_data_mesh(tiny_plan):
   m = tiny_plan.memory
   assert m['params'] == 4 * tiny_plan.num_params  # float32, every device holds all
