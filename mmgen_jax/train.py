@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging
 from clu import metric_writers
-from etils import epath
 from clu import parameter_overview
 from clu import periodic_actions
+from etils import epath
 from flax import nnx
 import jax
 from jax.experimental import multihost_utils
