@@ -109,9 +109,7 @@ def time_case(config, steps: int) -> dict[str, Any]:
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get('flops', 0.0)) if cost else 0.0  # per device
+    flops = train_state.step_flops(compiled.cost_analysis())  # per device, no accumulation
     state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
     times = []

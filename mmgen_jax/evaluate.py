@@ -137,9 +137,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     raise ValueError(f'evaluate: split {config.data.eval_split!r} yielded no valid examples.')
 
   # Bad records (config.data.on_bad_record='skip') are left out of the scores: say how many.
-  skipped = multihost_utils.process_allgather(np.asarray(it.stats.skipped), tiled=False)
-  results: dict[str, float] = {'eval/num_examples': float(seen),
-                               'eval/skipped_records': float(np.sum(skipped))}
+  results: dict[str, float] = {
+      'eval/num_examples': float(seen),
+      'eval/skipped_records': float(parallel.sum_over_processes(it.stats.skipped))}
   if results['eval/skipped_records']:
     it.stats.log()
   gt_by_encoding = {}

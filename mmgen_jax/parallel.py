@@ -193,6 +193,13 @@ def to_host(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
+def sum_over_processes(count: int) -> int:
+  """The sum of a per-process count; a collective when there are several processes."""
+  if jax.process_count() == 1:
+    return int(count)
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
+
+
 # ---- multi-host ---------------------------------------------------------------------
 
 _ENV = ('MMGEN_COORDINATOR', 'MMGEN_NUM_PROCESSES', 'MMGEN_PROCESS_ID')

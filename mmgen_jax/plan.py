@@ -208,10 +208,8 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
     # Unpartitioned: the FLOPs of the whole global step, whatever the mesh.
     bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     cost = jax.jit(step).lower(bare, abatch).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost and cost.get('flops'):
-      # XLA counts a loop body once: the gradient-accumulation scan runs it `accum` times.
-      flops, source = float(cost['flops']) * accum, 'lowered'
+    if train_state.step_flops(cost):
+      flops, source = train_state.step_flops(cost, accum), 'lowered'
 
   compiled, backend = None, ''
   if compile:

@@ -237,22 +237,13 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
-def _sum_over_processes(count: int) -> int:
-  """The sum of a per-process count (a collective when there are several processes)."""
-  if jax.process_count() == 1:
-    return count
-  return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
-
-
-def _flops_per_step(compiled: Any) -> float:
+def _flops_per_step(compiled: Any, grad_accum_steps: int) -> float:
   """Per-device FLOPs of one step from XLA's cost analysis (0 if unavailable)."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
     return 0.0
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get('flops', 0.0))
+  return ts_lib.step_flops(cost, grad_accum_steps)
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -342,8 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           batch = parts.to_global_batch(next(data_iter), mesh, rules)
           if compiled is None:  # compile once, ahead of time, to read the FLOPs
             compiled = step_fn.lower(state, batch).compile()
-            # XLA counts a loop body once: the accumulation scan runs it k times.
-            flops = _flops_per_step(compiled) * int(config.optim.grad_accum_steps)
+            flops = _flops_per_step(compiled, int(config.optim.grad_accum_steps))
             batch_size = int(jax.tree.leaves(batch)[0].shape[0])
             window_start = time.perf_counter()
           state, metrics = compiled(state, batch)
@@ -385,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               scalars['perf/mfu'] = flops * steps_per_sec / float(config.train.peak_flops)
           data_stats = getattr(data_iter, 'stats', None)
           if data_stats is not None:  # every process reaches this step: sum their counts
-            scalars['data/skipped_records'] = _sum_over_processes(data_stats.skipped)
+            scalars['data/skipped_records'] = parallel.sum_over_processes(data_stats.skipped)
           writer.write_scalars(step, scalars)
           window.clear()
           window_start, window_steps = time.perf_counter(), 0

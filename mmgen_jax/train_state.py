@@ -208,6 +208,17 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
   return train_step
 
 
+def step_flops(cost: Any, grad_accum_steps: int = 1) -> float:
+  """FLOPs of one train step from XLA's `cost_analysis()` (lowered or compiled; 0 if absent).
+
+  XLA counts a loop body once, and gradient accumulation runs the forward and
+  backward in a scan of `grad_accum_steps` iterations, so the count is scaled.
+  """
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', 0.0)) * grad_accum_steps
+
+
 def jit_train_step(train_step: StepFn, shardings: TrainState, batch_sharding: NamedSharding,
                    mesh: Mesh) -> StepFn:
   """jit with explicit shardings; the old state's buffers are donated to the new one."""
