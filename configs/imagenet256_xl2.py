@@ -1,11 +1,21 @@
 r"""MMGen on ImageNet 256×256, SiT-XL/2: the released recipe.
 
-Latent space (SD-VAE, 4 channels per modality: rgb, depth, normal, segmentation
+MMGen's scripts/train_imagenet.sh (the 600k release checkpoint) in this
+project's keys; each line below names the flag or code it reproduces. Latent
+space (SD-VAE, 4 channels per modality: rgb, depth, normal, segmentation
 concatenated to 16 channels at 32×32), patch 2 (256 tokens), 28 blocks, width
 1152, 16 heads, 1000 classes with 10% label dropout for guidance, REPA
 projector after block 8 (z 768 = DINOv2-B, projector 2048). AdamW lr 1e-4, no
-weight decay, clip 1.0, EMA 0.9999, batch 256, bf16 compute with f32 params,
-fully sharded (fsdp) over every device.
+weight decay, clip 1.0, EMA 0.9999, batch 256 for 600k steps, bf16 compute
+with f32 params, fully sharded (fsdp) over every device.
+
+Where this run still differs from MMGen's (diffusion/decoupled.py lists the
+objective's differences):
+  - no REPA loss (`--proj-coeff 0.5`): the data carries no DINOv2 features, so
+    the projector is built (a converted checkpoint loads) but not trained;
+  - the EMA decay warms up as min(0.9999, (1 + step) / (10 + step)); MMGen's
+    is 0.9999 from the first step;
+  - bf16 compute where MMGen uses fp16 autocast with TF32 matmuls.
 
 Data: a TFDS dataset `imagenet2012_mmgen` (name and config set below) that
 the user builds from ImageNet-1k plus pseudo-labels; each record needs
@@ -35,66 +45,79 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = config_schema.base_config()
   c.lock()  # a typo below is refused, naming the valid keys
 
-  # MMGen's loss is one MSE over the concatenated latents: each modality weighs
-  # the same (4 channels each).
+  # --num-tasks=4 --is-mmcat-diff: tasks 0..3 = rgb, depth, normal, mask, and
+  # --use-diff-task-weight: train.py's per-task loss weights [1.0, 0.2, 0.1, 0.1].
   c.modalities = ml_collections.ConfigDict(dict(
       rgb=modalities.spec(0, 'rgb', 1.0, field='image'),
-      depth=modalities.spec(1, 'depth', 1.0),
-      normal=modalities.spec(2, 'normal', 1.0),
-      segmentation=modalities.spec(3, 'segmentation', 1.0),
+      depth=modalities.spec(1, 'depth', 0.2),
+      normal=modalities.spec(2, 'normal', 0.1),
+      segmentation=modalities.spec(3, 'segmentation', 0.1),
   ))
 
   c.data.name = 'imagenet2012_mmgen'
   c.data.builder_config = ''
-  c.data.resolution = 256
+  c.data.resolution = 256             # --resolution=256
   c.data.class_field = 'label'
-  c.data.num_classes = 1000
-  c.data.global_batch_size = 256
+  c.data.num_classes = 1000           # --num-classes=1000
+  c.data.global_batch_size = 256      # BATCH=256 (global)
   c.data.worker_count = 8
-  c.data.augment.hflip = True
+  c.data.augment.hflip = False        # none: MMGen reads latents of unflipped centre crops
 
-  c.codec.name = 'sd_vae'
+  c.codec.name = 'sd_vae'             # --vae-path=stabilityai/sd-vae-ft-mse latents
   c.codec.latent_channels = 4
-  c.codec.scale = 0.18215
+  c.codec.scale = 0.18215             # train.py latents_scale
 
-  c.model.patch_size = 2
+  c.model.patch_size = 2              # --model=SiT-XL/2
   c.model.hidden_size = 1152
   c.model.depth = 28
   c.model.num_heads = 16
   c.model.mlp_ratio = 4.0
-  c.model.class_dropout_prob = 0.1
-  c.model.use_task_embedding = True
-  c.model.repa_encoder_depth = 8
-  c.model.repa_z_dim = 768
-  c.model.repa_projector_dim = 2048
+  c.model.class_dropout_prob = 0.1    # --cfg-prob=0.1
+  c.model.use_task_embedding = True   # --use-taskcond-emb
+  c.model.task_embed_init_std = 1.0   # models/sit.py TaskCondEmbedder: nn.Embedding's N(0, 1)
+  c.model.repa_encoder_depth = 8      # --encoder-depth=8
+  c.model.repa_z_dim = 768            # train.py z_dims = [768] (DINOv2-B)
+  c.model.repa_projector_dim = 2048   # models/sit.py SiT(projector_dim=2048)
   c.model.param_dtype = 'float32'
-  c.model.dtype = 'bfloat16'
+  c.model.dtype = 'bfloat16'          # MMGen: --mixed-precision=fp16
 
-  c.objective.name = 'decoupled'
-  c.objective.path = 'linear'       # SiT's interpolant
-  c.objective.prediction = 'v'
-  c.objective.joint_prob = 0.75     # MMGen's quarter mixing: 1/4 conditional
-  c.objective.rgb_only_prob = 0.5   # half the batch supervised on RGB only
-  c.objective.slot_dropout_prob = 0.5  # mean of MMGen's per-batch U(0, 1) slot dropout
+  c.objective.name = 'decoupled'      # --use-decouple-task: one timestep per modality
+  c.objective.path = 'linear'         # --path-type=linear
+  c.objective.prediction = 'v'        # --prediction=v (--weighting=uniform: t ~ U(0, 1))
+  c.objective.layout = 'by_position'  # loss.py lays the modes out by position in the batch...
+  c.objective.group_size = 32         # ...of each process: BATCH=256 over NPROC=8 processes
+  c.objective.rgb_only_prob = 0.5     # --ratio-train-onlyrgb=0.5: the first half RGB-only
+  c.objective.joint_prob = 0.75       # --use-quarter-mixing: the first 3/4 joint, then conditional
+  c.objective.cond_t_max = 0.01       # --use-decouple-rand1: one condition at t = 0.01·U(0, 1)
+  c.objective.cond_task_fixed = ''    # --cond-task-fixed=-1: the condition drawn per sample
+  c.objective.slot_dropout = 'per_batch'  # loss.py's random task drop (on with that RGB-only ratio)
 
-  c.optim.learning_rate = 1e-4
+  c.optim.learning_rate = 1e-4        # --learning-rate=1e-4, constant (train.py has no schedule)
   c.optim.warmup_steps = 0
   c.optim.schedule = 'constant'
-  c.optim.weight_decay = 0.0
-  c.optim.grad_clip_norm = 1.0
-  c.optim.ema_decay = 0.9999
+  c.optim.b1, c.optim.b2 = 0.9, 0.999  # --adam-beta1/2 defaults
+  c.optim.weight_decay = 0.0          # --adam-weight-decay=0
+  c.optim.grad_clip_norm = 1.0        # --max-grad-norm=1.0
+  c.optim.ema_decay = 0.9999          # train.py update_ema(decay=0.9999)
 
   c.mesh.data = 1
-  c.mesh.fsdp = -1                  # parameters, optimiser and batch over every device
+  c.mesh.fsdp = -1                    # parameters, optimiser and batch over every device
   c.mesh.tensor = 1
 
-  c.train.num_steps = 400_000       # set to your budget
+  c.train.num_steps = 600_000         # MAX_STEPS=600000 (the released 0600000.pt)
   c.train.log_every = 100
-  c.train.sample_every = 10_000
-  c.train.checkpoint_every = 5_000
+  c.train.sample_every = 10_000       # SAMPLE_STEPS=10000
+  c.train.checkpoint_every = 5_000    # MMGen: 50,000; more often for preemptible slices
   c.train.keep_checkpoints = 3
 
-  c.sample.num_steps = 250
-  c.sample.cfg_scale = 1.0
+  # MMGen's inference (exp_sample.py), also used for the training grids (MMGen's
+  # train.py draws its grids with a 50-step ODE and cfg 4.0 instead):
+  c.sample.method = 'euler_maruyama'  # exp_sample.py calls euler_maruyama_sampler
+  c.sample.num_steps = 250            # exp_sample.py --num-steps; infer_rgb2x.sh NUM_STEPS=250
+  c.sample.cfg_scale = 1.0            # exp_sample.py --cfg-scale (docs/infer_rgb2x.md: category
+                                      # results use 1.0; 1.8 for conditioned generation)
+  c.sample.guidance_low = 0.0         # euler_maruyama_sampler guides every step: the
+  c.sample.guidance_high = 1.0        # interval [0, 1] (euler_sampler's defaults)
+  c.sample.t_cond = 0.005             # exp_sample.py --t-blend-start
   c.sample.num_images = 16
   return c

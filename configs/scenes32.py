@@ -21,15 +21,30 @@ ground and horizon in every modality and the objects in the right places, but
 speckled rather than crisp: more steps would help.
 
   python -m mmgen_jax.main --config=configs/scenes32.py --workdir=/tmp/mmgen/scenes32
+
+Variants (`--config=configs/scenes32.py:<variant>`):
+  joint   (default) the joint model above (MMGen's joint objective)
+  rgb2x   MMGen's RGB -> X fine-tune (scripts/finetune_hypersim_rgb2x.sh) of a
+          trained joint run: its weights and EMA (config.train.init_from, by
+          default the workdir of the command above; a fresh optimiser), then
+          every sample is conditioned on clean RGB and supervises depth,
+          normals and segmentation:
+
+  python -m mmgen_jax.main --config=configs/scenes32.py:rgb2x --workdir=/tmp/mmgen/scenes32_rgb2x
 """
 
 import ml_collections
 
 from mmgen_jax import config_schema
 
+VARIANTS = ('joint', 'rgb2x')
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg  # no variants
+  variant = arg or 'joint'
+  if variant not in VARIANTS:
+    raise ValueError(f'configs/scenes32.py:{variant}: unknown variant; choose one of '
+                     f'{list(VARIANTS)}.')
   c = config_schema.base_config()
   c.lock()  # a typo below is refused, naming the valid keys
 
@@ -55,4 +70,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.sample.num_steps = 50
   c.sample.num_images = 8
+  if variant == 'rgb2x':
+    _rgb2x(c)
   return c
+
+
+def _rgb2x(c: ml_collections.ConfigDict) -> None:
+  """finetune_hypersim_rgb2x.sh's flags, line by line, on top of the joint run."""
+  c.train.init_from = '/tmp/mmgen/scenes32'  # --ckpt: the joint run (here weights + EMA only)
+  c.objective.cond_task_fixed = 'rgb'  # --cond-task-fixed=0: RGB conditions every sample...
+  c.objective.cond_t_max = 0.0         # ...at t = 0 exactly (loss.py pins it with this flag)
+  c.objective.joint_prob = 0.0         # no quarter/half mixing with --cond-task-fixed: no joint
+  c.objective.rgb_only_prob = 0.0      # --ratio-train-onlyrgb=0.0 (so no random loss dropout)
+  c.optim.learning_rate = 1e-4         # LR=1e-4, constant, no warm-up (train.py)
+  c.optim.schedule = 'constant'
+  c.optim.warmup_steps = 0
+  c.train.num_steps = 1000             # 1/3 of the joint run (MMGen: 20k after 600k)

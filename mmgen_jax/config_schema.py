@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.qk_norm = False
   c.model.class_dropout_prob = 0.1
   c.model.use_task_embedding = True
+  c.model.task_embed_init_std = 0.02  # MMGen's task table is a plain nn.Embedding: 1.0
   c.model.repa_encoder_depth = 0      # > 0 adds the REPA projector after this block
   c.model.repa_z_dim = 768
   c.model.repa_projector_dim = 2048
@@ -84,10 +85,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.name = 'decoupled'      # 'decoupled' (MMGen) | 'mt_elbo' (MT-Diffusion)
   c.objective.path = 'linear'         # 'linear' | 'vp_cosine' | 'vp_linear'
   c.objective.prediction = 'v'        # 'v' | 'eps' | 'x0'
+  # decoupled (MMGen); diffusion/decoupled.py explains each key.
   c.objective.joint_prob = 0.75       # else conditional on one modality
   c.objective.cond_t_max = 0.01       # condition time ~ cond_t_max * U(0, 1)
+  c.objective.cond_task_fixed = ''    # condition modality of every conditional sample ('' = drawn)
   c.objective.rgb_only_prob = 0.5     # fraction of samples supervised on RGB only
-  c.objective.slot_dropout_prob = 0.0  # random loss dropout of non-RGB slots
+  c.objective.layout = 'per_sample'   # modes drawn 'per_sample' | 'by_position' (MMGen)
+  c.objective.slot_dropout = 'fixed'  # non-RGB loss dropout: 'fixed' rate | 'per_batch' (MMGen)
+  c.objective.slot_dropout_prob = 0.0  # the 'fixed' rate
+  c.objective.group_size = 0          # samples per MMGen process batch (0 = the whole batch)
   c.objective.primary = 'rgb'         # mt_elbo: the modality that is the shared space z_0
   c.objective.num_timesteps = 1000    # mt_elbo: discrete T
   c.objective.w_max = 0.1             # mt_elbo: encoder weight schedule scale
@@ -133,6 +139,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.sample_every = 500
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
+  # Start from another run's weights and EMA (its workdir, checkpoints/ directory
+  # or one step directory; its newest step), with a fresh optimiser and step 0.
+  # Only for a new run: a run with checkpoints of its own resumes from them.
+  c.train.init_from = ''
   c.train.peak_flops = 0.0            # per-device peak FLOP/s for MFU (0 = not reported)
   # PRNG behind parameter init and every train-time draw: 'threefry2x32' (JAX's
   # default), 'rbg' or 'unsafe_rbg' (RngBitGenerator: faster on TPU and much
@@ -140,9 +150,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.rng_impl = 'threefry2x32'
 
   # ---- sampling and evaluation ---------------------------------------------
+  # Read by the training grids, --mode=sample and the evaluation job
+  # (diffusion/samplers.py's settings_from_config).
   c.sample = ml_collections.ConfigDict()
+  c.sample.method = 'euler'           # 'euler' | 'heun' (ODE) | 'euler_maruyama' (SDE)
   c.sample.num_steps = 50
-  c.sample.cfg_scale = 1.0
+  c.sample.cfg_scale = 1.0            # classifier-free guidance (1 = none)
+  c.sample.guidance_low = 0.0         # guide only where guidance_low <= t <= guidance_high
+  c.sample.guidance_high = 1.0
+  c.sample.t_cond = 0.005             # a held condition's time (MMGen's --t-blend-start)
   c.sample.num_images = 8
   c.sample.use_ema = True
 

@@ -19,6 +19,7 @@ import ml_collections
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax import parallel
 from mmgen_jax.diffusion import paths
+from mmgen_jax.diffusion import samplers
 
 OBJECTIVES = ('decoupled', 'mt_elbo')
 CODEC_DOWNSAMPLE = {'identity': 1, 'sd_vae': 8}
@@ -161,6 +162,7 @@ def _check_model(config, num_devices, num_processes) -> Iterator[str]:
   if m.mlp_ratio <= 0:
     yield f'config.model.mlp_ratio={m.mlp_ratio} must be > 0.'
   yield from _in_range('model.class_dropout_prob', m.class_dropout_prob, 0.0, 1.0)
+  yield from _at_least('model.task_embed_init_std', m.task_embed_init_std, 0.0)
   yield from _in_range('model.repa_encoder_depth', m.repa_encoder_depth, 0, max(m.depth, 0))
   if m.repa_encoder_depth:
     yield from _at_least('model.repa_z_dim', m.repa_z_dim, 1)
@@ -207,9 +209,8 @@ def _check_objective(config, num_devices, num_processes) -> Iterator[str]:
   yield from _one_of('objective.prediction', o.prediction, paths.PREDICTIONS)
   for key in ('joint_prob', 'rgb_only_prob', 'slot_dropout_prob', 'cond_t_max'):
     yield from _in_range(f'objective.{key}', o[key], 0.0, 1.0)
-  if o.name == 'decoupled' and o.rgb_only_prob > o.joint_prob:
-    yield (f'config.objective.rgb_only_prob={o.rgb_only_prob} exceeds joint_prob='
-           f'{o.joint_prob}: RGB-only samples are drawn among the joint ones.')
+  if o.name == 'decoupled':
+    yield from _check_decoupled(config)
   if o.name == 'mt_elbo':
     yield from _at_least('objective.num_timesteps', o.num_timesteps, 1)
     yield from _in_range('objective.w_max', o.w_max, 0.0, 1.0)
@@ -222,6 +223,37 @@ def _check_objective(config, num_devices, num_processes) -> Iterator[str]:
     if o.primary not in images:
       yield (f'config.objective.primary={o.primary!r} must name an image modality; '
              f'image modalities: {images}.')
+
+
+def _check_decoupled(config) -> Iterator[str]:
+  from mmgen_jax.diffusion import decoupled  # pylint: disable=g-import-not-at-top
+  o = config.objective
+  if o.rgb_only_prob > o.joint_prob:
+    yield (f'config.objective.rgb_only_prob={o.rgb_only_prob} exceeds joint_prob='
+           f'{o.joint_prob}: RGB-only samples are drawn among the joint ones.')
+  yield from _one_of('objective.layout', o.layout, decoupled.LAYOUTS)
+  yield from _one_of('objective.slot_dropout', o.slot_dropout, decoupled.SLOT_DROPOUTS)
+  yield from _at_least('objective.group_size', o.group_size, 0)
+  try:
+    images = [m.name for m in modalities_lib.images(modalities_lib.from_config(config.modalities))]
+  except (ValueError, KeyError):
+    images = None  # _check_modalities names the cause
+  if o.cond_task_fixed and images is not None and o.cond_task_fixed not in images:
+    yield (f'config.objective.cond_task_fixed={o.cond_task_fixed!r} must name an image '
+           f'modality; image modalities: {images}.')
+  batch, accum = config.data.global_batch_size, config.optim.grad_accum_steps
+  if accum < 1 or batch % accum or o.group_size < 0:
+    return  # _check_mesh and the line above name the cause
+  micro = batch // accum
+  if o.group_size and micro % o.group_size:
+    where = f'{batch}' if accum == 1 else f'{batch} / grad_accum_steps {accum} = {micro}'
+    yield (f'config.objective.group_size={o.group_size} does not divide the batch each loss '
+           f'sees: config.data.global_batch_size={where}.')
+  elif o.layout == 'by_position':
+    try:
+      decoupled.position_counts(o, o.group_size or micro)
+    except ValueError as e:
+      yield str(e)
 
 
 def _check_optim(config, num_devices, num_processes) -> Iterator[str]:
@@ -240,19 +272,34 @@ def _check_optim(config, num_devices, num_processes) -> Iterator[str]:
 
 
 def _check_train(config, num_devices, num_processes) -> Iterator[str]:
-  t, s = config.train, config.sample
+  t = config.train
   yield from _at_least('train.num_steps', t.num_steps, 1)
   for key in ('log_every', 'sample_every', 'checkpoint_every'):
     yield from _at_least(f'train.{key}', t[key], 0)
   yield from _at_least('train.keep_checkpoints', t.keep_checkpoints, 1)
   yield from _at_least('train.peak_flops', t.peak_flops, 0.0)
+
+
+def _check_sample(config, num_devices, num_processes) -> Iterator[str]:
+  s = config.sample
+  yield from _one_of('sample.method', s.method, samplers.METHODS)
   yield from _at_least('sample.num_steps', s.num_steps, 1)
   yield from _at_least('sample.num_images', s.num_images, 1)
-  yield from _at_least('sample.cfg_scale', s.cfg_scale, 0.0)
+  yield from _at_least('sample.cfg_scale', s.cfg_scale, 1.0)
+  yield from _in_range('sample.guidance_low', s.guidance_low, 0.0, 1.0)
+  yield from _in_range('sample.guidance_high', s.guidance_high, 0.0, 1.0)
+  yield from _in_range('sample.t_cond', s.t_cond, 0.0, 1.0)
+  if s.guidance_low > s.guidance_high:
+    yield (f'config.sample.guidance_low={s.guidance_low} exceeds guidance_high='
+           f'{s.guidance_high}: guidance would never be applied.')
+  if s.cfg_scale > 1.0 and config.model.class_dropout_prob == 0:
+    yield (f'config.sample.cfg_scale={s.cfg_scale} needs the null class, which a model with '
+           'config.model.class_dropout_prob=0 does not have; set cfg_scale=1.')
 
 
 _CHECKS: tuple[Check, ...] = (_check_modalities, _check_data, _check_mesh, _check_model,
-                              _check_narrow_patch, _check_objective, _check_optim, _check_train)
+                              _check_narrow_patch, _check_objective, _check_optim, _check_train,
+                              _check_sample)
 
 
 def describe(config: ml_collections.ConfigDict) -> str:

@@ -102,6 +102,38 @@ def test_xl2_config_is_the_released_recipe():
           c.optim.ema_decay) == (1e-4, 0.0, 1.0, 0.9999)
   assert (m.dtype, c.mesh.data, c.mesh.fsdp) == ('bfloat16', 1, -1)
   assert config_validation.patch_input_size(c) == (2, 16, 64)
+  # train.py --use-diff-task-weight: tasks 0..3 (rgb, depth, normal, mask) weigh 1, 0.2, 0.1, 0.1.
+  weights = {name: spec.loss_weight for name, spec in c.modalities.items()}
+  assert weights == {'rgb': 1.0, 'depth': 0.2, 'normal': 0.1, 'segmentation': 0.1}
+  assert (c.train.num_steps, c.data.augment.hflip, m.task_embed_init_std) == (600_000, False, 1.0)
+  o = c.objective
+  assert (o.layout, o.group_size, o.rgb_only_prob, o.joint_prob, o.cond_t_max) == (
+      'by_position', 32, 0.5, 0.75, 0.01)
+  assert (o.slot_dropout, o.cond_task_fixed) == ('per_batch', '')
+
+
+def test_scenes32_rgb2x_is_the_fixed_condition_finetune_of_the_joint_run():
+  joint = parse(f'--config={os.path.join(REPO, "configs", "scenes32.py")}')
+  rgb2x = parse(f'--config={os.path.join(REPO, "configs", "scenes32.py")}:rgb2x')
+  o = rgb2x.objective
+  assert (o.cond_task_fixed, o.cond_t_max, o.joint_prob, o.rgb_only_prob) == ('rgb', 0.0, 0.0, 0.0)
+  assert rgb2x.train.init_from and not joint.train.init_from
+  assert rgb2x.model.to_dict() == joint.model.to_dict()  # the joint run's weights fit
+  assert rgb2x.modalities.to_dict() == joint.modalities.to_dict()
+  with pytest.raises(flags.IllegalFlagValueError, match="unknown variant.*'rgb2x'"):
+    parse(f'--config={os.path.join(REPO, "configs", "scenes32.py")}:rgb')
+
+
+def test_task_embedding_init_std_reaches_the_model():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.models import build  # pylint: disable=g-import-not-at-top
+  c = tiny()
+  c.model.update(hidden_size=256, depth=1, num_heads=2, task_embed_init_std=1.0)
+  model = build.build_model(c, rngs=nnx.Rngs(0))
+  task = np.asarray(model.task_embedder.embedding_table.embedding[...])
+  label = np.asarray(model.y_embedder.embedding_table.embedding[...])
+  assert abs(task.std() - 1.0) < 0.1 and abs(label.std() - 0.02) < 0.002
 
 
 # ---- validation errors -------------------------------------------------------------------
@@ -140,6 +172,17 @@ def _set(c, key, value):
     ({'objective.prediction': 'score'}, "config.objective.prediction='score'"),
     ({'objective.joint_prob': 1.5}, 'config.objective.joint_prob=1.5 must be in [0.0, 1.0]'),
     ({'objective.rgb_only_prob': 0.9}, 'rgb_only_prob=0.9 exceeds joint_prob=0.75'),
+    ({'objective.layout': 'quarter'}, "config.objective.layout='quarter' is not one of"),
+    ({'objective.slot_dropout': 'uniform'}, "config.objective.slot_dropout='uniform' is not"),
+    ({'objective.cond_task_fixed': 'albedo'}, "config.objective.cond_task_fixed='albedo' must "
+     "name an image modality; image modalities: ['rgb', 'depth', 'normal', 'segmentation']"),
+    ({'objective.group_size': 6}, 'config.objective.group_size=6 does not divide the batch each '
+     'loss sees: config.data.global_batch_size=16'),
+    ({'objective.group_size': 8, 'optim.grad_accum_steps': 4}, 'global_batch_size=16 / '
+     'grad_accum_steps 4 = 4'),
+    ({'objective.layout': 'by_position', 'objective.group_size': 2},
+     'joint_prob × group size = 0.75 × 2 = 1.5'),
+    ({'model.task_embed_init_std': -1.0}, 'config.model.task_embed_init_std=-1.0 must be >= 0'),
     ({'model.class_dropout_prob': -0.1}, 'config.model.class_dropout_prob=-0.1 must be in'),
     ({'optim.ema_decay': 1.1}, 'config.optim.ema_decay=1.1 must be in [0.0, 1.0]'),
     ({'model.repa_encoder_depth': 5}, 'config.model.repa_encoder_depth=5 must be in [0, 4]'),

@@ -1,33 +1,53 @@
 """Objective 1 (MMGen): one velocity loss with a decoupled timestep per modality.
 
-Per sample, inside jit:
+Every sample takes one of three modes (its task index in brackets):
 
-* joint (probability `joint_prob`, task 0): all image modalities share one
-  t ~ U(0, 1);
-* conditional (else, task m + 1): one image modality m, drawn uniformly, is a
-  condition at t = cond_t_max * U(0, 1) and is not supervised; the others share
-  one t ~ U(0, 1).
+* joint [0]: all image modalities share one t ~ U(0, 1);
+* RGB-only: a joint sample supervised on RGB (slot 0) alone;
+* conditional [m + 1]: image modality m is a condition at t = cond_t_max · U(0, 1)
+  and is not supervised; the others share one t ~ U(0, 1). m is drawn uniformly
+  per sample, or is `cond_task_fixed` for every conditional sample.
 
-Supervision masks (which (sample, modality) pairs enter the loss): a fraction
-`rgb_only_prob` of all samples is supervised on slot 0 (RGB) only, and on the
-other samples each non-RGB slot is dropped from the loss with probability
-`slot_dropout_prob`. Modality m's loss is its per-sample MSE averaged over the
-samples where it is supervised; the total is sum_m loss_weight_m * loss_m.
+Which sample takes which mode (`layout`):
 
-Read against MMGen's `loss.py` / `train.py` (jiepengwang/MMGen). Differences:
+* 'per_sample': joint with probability joint_prob, and RGB-only with
+  probability rgb_only_prob overall, drawn among the joint samples (hence
+  rgb_only_prob <= joint_prob);
+* 'by_position' (MMGen's loss.py): in each group of G samples the first
+  rgb_only_prob·G are RGB-only, the next ones up to joint_prob·G joint, the
+  rest conditional (`--ratio-train-onlyrgb 0.5 --use-quarter-mixing`: 1/2, 3/4).
 
-* MMGen lays modes out by batch position (the first 3/4 of a batch joint with
-  `--use-quarter-mixing`, the first half RGB-only with `--ratio-train-onlyrgb
-  0.5`); here each sample draws its mode. Their layout makes every RGB-only
-  sample a joint one; we keep that coupling by drawing RGB-only among joint
-  samples with probability rgb_only_prob / joint_prob, hence the requirement
-  rgb_only_prob <= joint_prob.
-* MMGen drops non-RGB slots from the loss at a per-batch rate that is itself
-  uniform in [0, 1) (a random count of (sample, slot) pairs); here the rate is
-  the fixed `slot_dropout_prob` (0.5 gives the same mean rate).
-* MMGen masks the condition slot's loss only when RGB-only training is on (its
-  default recipe); here it is always masked.
-* The REPA projection loss (MMGen's `proj_coeff`) is not part of this objective.
+Non-RGB loss dropout, on the samples that are not RGB-only (`slot_dropout`):
+
+* 'fixed': each non-RGB slot leaves the loss with probability slot_dropout_prob;
+* 'per_batch' (MMGen's loss.py): per group, k of its P (sample, slot) pairs are
+  drawn without replacement, k uniform in {0, ..., P - 1}, and the non-RGB ones
+  among them leave the loss (RGB is never dropped).
+
+The loss: per group, modality m's loss is its per-sample MSE (mean over pixels
+and the slot's channels) averaged over the group's samples where m is
+supervised (0 where there is none), the group's loss is sum_m loss_weight_m ·
+loss_m, and the loss is the mean over groups. A group is `group_size`
+consecutive samples (0: the whole batch), standing for one process's batch in
+MMGen's data-parallel training: its train.py computes this per process and
+DDP averages the gradients, so the layout, the dropout rate and the
+normalisation are all per process batch there.
+
+MMGen's RGB -> X fine-tune (scripts/finetune_hypersim_rgb2x.sh, `--cond-task-fixed
+0`) is joint_prob = 0, cond_t_max = 0 and cond_task_fixed = 'rgb': every sample
+is conditioned on clean RGB (t = 0 exactly) and supervises the other modalities.
+
+Read against MMGen's loss.py / train.py (jiepengwang/MMGen). Differences:
+
+* The REPA projection loss (`--proj-coeff 0.5`: negative cosine similarity of
+  the projector's tokens to DINOv2 features) is not part of this objective: the
+  data carries no encoder features.
+* MMGen masks the condition slot's loss only when RGB-only training or a fixed
+  condition is on (as in all its released recipes); here it is always masked.
+* MMGen runs its per-batch dropout exactly when RGB-only training is on
+  (0 < ratio_train_onlyrgb < 0.9); here `slot_dropout` is its own option.
+* Labels are dropped here, not inside the model (the same law: each label
+  becomes the null class with probability class_dropout_prob).
 """
 
 from __future__ import annotations
@@ -41,8 +61,12 @@ import jax.numpy as jnp
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax.diffusion import paths
 
+LAYOUTS = ('per_sample', 'by_position')
+SLOT_DROPOUTS = ('fixed', 'per_batch')
 
-def _check_cfg(cfg, num_image: int) -> None:
+
+def check_cfg(cfg, names: Sequence[str]) -> None:
+  """Raises naming the `config.objective` key that cannot work with image modalities `names`."""
   paths.check_path(cfg.path, cfg.prediction)
   for key in ('joint_prob', 'rgb_only_prob', 'slot_dropout_prob', 'cond_t_max'):
     value = getattr(cfg, key)
@@ -53,29 +77,88 @@ def _check_cfg(cfg, num_image: int) -> None:
         f'config.objective.rgb_only_prob={cfg.rgb_only_prob} exceeds joint_prob='
         f'{cfg.joint_prob}: RGB-only samples are drawn among joint samples (as in '
         'MMGen, where a conditional sample always supervises its other modalities).')
-  if num_image == 0:
+  if not names:
     raise ValueError('the decoupled objective needs at least one image modality.')
+  for key, valid in (('layout', LAYOUTS), ('slot_dropout', SLOT_DROPOUTS)):
+    if getattr(cfg, key) not in valid:
+      raise ValueError(f'config.objective.{key}={getattr(cfg, key)!r} is not one of {list(valid)}.')
+  if cfg.cond_task_fixed and cfg.cond_task_fixed not in names:
+    raise ValueError(f'config.objective.cond_task_fixed={cfg.cond_task_fixed!r} is not an image '
+                     f'modality; image modalities: {list(names)}.')
+  if cfg.group_size < 0:
+    raise ValueError(f'config.objective.group_size={cfg.group_size} must be >= 0 (0: the '
+                     'whole batch).')
 
 
-def sample_modes(rng, n: int, num_image: int, cfg) -> dict[str, jax.Array]:
+def group_size(cfg, n: int) -> int:
+  """Samples per group: `cfg.group_size`, or the whole batch of n when it is 0."""
+  g = int(cfg.group_size) or n
+  if n % g:
+    raise ValueError(f'a batch of {n} samples does not split into groups of '
+                     f'config.objective.group_size={g}.')
+  return g
+
+
+def position_counts(cfg, g: int) -> tuple[int, int]:
+  """(RGB-only, joint) samples at the head of every group of g for layout 'by_position'."""
+  counts = []
+  for key in ('rgb_only_prob', 'joint_prob'):
+    count = getattr(cfg, key) * g
+    if abs(count - round(count)) > 1e-6:
+      raise ValueError(f"config.objective.layout='by_position' needs a whole number of samples: "
+                       f'{key} × group size = {getattr(cfg, key)} × {g} = {count:g}.')
+    counts.append(round(count))
+  return counts[0], counts[1]
+
+
+def _joint_and_rgb_only(u_joint, u_rgb_only, g: int, cfg) -> tuple[jax.Array, jax.Array]:
+  if cfg.layout == 'by_position':
+    n_rgb_only, n_joint = position_counts(cfg, g)
+    position = jnp.arange(u_joint.shape[0]) % g
+    return position < n_joint, position < n_rgb_only
+  joint = u_joint < cfg.joint_prob
+  p_rgb_only = cfg.rgb_only_prob / cfg.joint_prob if cfg.joint_prob > 0 else 0.0
+  return joint, joint & (u_rgb_only < p_rgb_only)
+
+
+def _dropped_slots(u_pairs, u_rate, eligible, g: int, cfg) -> jax.Array:
+  """(n, M) bool: the (sample, slot) pairs the random dropout takes out (RGB's are ignored)."""
+  if cfg.slot_dropout == 'fixed':
+    return u_pairs < cfg.slot_dropout_prob
+  # MMGen: a count k ~ U{0, ..., P - 1} per group of the P pairs of its eligible
+  # samples, drawn without replacement (the k lowest of i.i.d. uniforms).
+  n, m = u_pairs.shape
+  eligible = jnp.broadcast_to(eligible[:, None], (n, m)).reshape(n // g, g * m)
+  keys = jnp.where(eligible, u_pairs.reshape(n // g, g * m), 2.0)  # ineligible pairs rank last
+  rank = jnp.argsort(jnp.argsort(keys, axis=1), axis=1)
+  pairs = eligible.sum(axis=1)
+  k = jnp.minimum(jnp.floor(u_rate * pairs), pairs - 1)
+  return (rank < k[:, None]).reshape(n, m)
+
+
+def sample_modes(rng, n: int, names: Sequence[str], cfg) -> dict[str, jax.Array]:
   """Draws each sample's mode, slot times, task and supervision mask.
 
-  Returns t (n, M) per-slot times, task (n,) int32, joint (n,) bool and
-  supervised (n, M) float32 (1 where the slot's loss counts).
+  `names`: the image modalities in slot order (slot 0 is RGB). Returns t (n, M)
+  per-slot times, task (n,) int32, joint (n,) bool and supervised (n, M)
+  float32 (1 where the slot's loss counts).
   """
-  M = num_image
+  M = len(names)
+  g = group_size(cfg, n)
   # One uniform draw for everything (each separate draw is compiled separately).
-  u = jax.random.uniform(rng, (n, 5 + M))
-  # With one image modality there is nothing to condition on: all joint.
-  joint = u[:, 0] < (cfg.joint_prob if M > 1 else 1.0)
-  cond = jnp.minimum(jnp.floor(u[:, 1] * M), M - 1).astype(jnp.int32)
+  u = jax.random.uniform(rng, (n, 6 + M))
+  joint, rgb_only = _joint_and_rgb_only(u[:, 0], u[:, 1], g, cfg)
+  if M == 1:  # nothing to condition on
+    joint = jnp.ones_like(joint)
+  if cfg.cond_task_fixed:
+    cond = jnp.full((n,), list(names).index(cfg.cond_task_fixed), jnp.int32)
+  else:
+    cond = jnp.minimum(jnp.floor(u[:, 2] * M), M - 1).astype(jnp.int32)
   is_cond = (jnp.arange(M)[None, :] == cond[:, None]) & ~joint[:, None]
-  t = jnp.where(is_cond, cfg.cond_t_max * u[:, 3:4], u[:, 2:3])
+  t = jnp.where(is_cond, cfg.cond_t_max * u[:, 4:5], u[:, 3:4])
   task = jnp.where(joint, 0, cond + 1).astype(jnp.int32)
 
-  p_rgb_only = cfg.rgb_only_prob / cfg.joint_prob if cfg.joint_prob > 0 else 0.0
-  rgb_only = joint & (u[:, 4] < p_rgb_only)
-  dropped = u[:, 5:] < cfg.slot_dropout_prob
+  dropped = _dropped_slots(u[:, 6:], u[::g, 5], ~rgb_only, g, cfg)  # one rate per group
   non_rgb = jnp.arange(M)[None, :] > 0
   unsupervised = is_cond | (non_rgb & (rgb_only[:, None] | dropped))
   return dict(t=t, task=task, joint=joint, supervised=(~unsupervised).astype(jnp.float32))
@@ -88,10 +171,11 @@ def drop_labels(rng, y, prob: float, num_classes: int):
   return jnp.where(jax.random.uniform(rng, y.shape) < prob, num_classes, y).astype(y.dtype)
 
 
-def masked_mean(values, mask):
-  """Mean of values over mask, per column; 0 where a column has no support."""
-  count = mask.sum(axis=0)
-  return (values * mask).sum(axis=0) / jnp.maximum(count, 1.0)
+def group_masked_mean(values, mask, g: int):
+  """(n, M) -> (n / g, M): each group's mean of values over mask, per column (0 if empty)."""
+  n, m = values.shape
+  values, mask = values.reshape(n // g, g, m), mask.reshape(n // g, g, m)
+  return (values * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
 
 
 def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *,
@@ -105,17 +189,19 @@ def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *,
   by the condition slot's small t only).
   """
   images = modalities_lib.images(mods)
-  _check_cfg(cfg, len(images))
-  for m in images:
-    if m.name not in batch:
-      raise KeyError(f'batch has no {m.name!r} (image modality); keys: {sorted(batch)}.')
-  x0_slots = [batch[m.name] for m in images]
+  names = [m.name for m in images]
+  check_cfg(cfg, names)
+  for name in names:
+    if name not in batch:
+      raise KeyError(f'batch has no {name!r} (image modality); keys: {sorted(batch)}.')
+  x0_slots = [batch[name] for name in names]
   channels = [x.shape[-1] for x in x0_slots]
   x0 = jnp.concatenate(x0_slots, axis=-1)
   n = x0.shape[0]
+  g = group_size(cfg, n)
 
   k_modes, k_label, k_noise = jax.random.split(rng, 3)
-  modes = sample_modes(k_modes, n, len(images), cfg)
+  modes = sample_modes(k_modes, n, names, cfg)
   y = drop_labels(k_label, batch['label'], class_dropout_prob, num_classes)
 
   eps = paths.normal(k_noise, x0.shape, x0.dtype)
@@ -124,22 +210,22 @@ def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *,
   out = model(x_t, modes['t'], y, task=modes['task'] if use_task else None)
   if len(out.images) != len(images):
     raise ValueError(f'model returned {len(out.images)} image heads; expected one per image '
-                     f'modality {[m.name for m in images]}.')
+                     f'modality {names}.')
   pred = jnp.concatenate(out.images, axis=-1).astype(jnp.float32)
   if pred.shape != x0.shape:
     raise ValueError(f'model image heads concatenate to {pred.shape}; expected {x0.shape} '
-                     f'(channels {channels} for {[m.name for m in images]}).')
+                     f'(channels {channels} for {names}).')
 
   err = (pred - paths.target(cfg.path, cfg.prediction, x0, eps, t_ch)) ** 2
   per_slot = jnp.stack([e.mean(axis=(1, 2, 3)) for e in paths.split_slots(err, channels)], axis=1)
-  losses = masked_mean(per_slot, modes['supervised'])
+  losses = group_masked_mean(per_slot, modes['supervised'], g)  # (groups, M)
   weights = jnp.asarray([m.loss_weight for m in images], jnp.float32)
-  loss = jnp.sum(weights * losses)
+  loss = jnp.mean(jnp.sum(losses * weights, axis=1))
 
   metrics = {'loss': loss, 'joint_fraction': modes['joint'].mean()}
-  for i, m in enumerate(images):
-    metrics[f'loss/{m.name}'] = losses[i]
-    metrics[f'supervised_fraction/{m.name}'] = modes['supervised'][:, i].mean()
+  for i, name in enumerate(names):
+    metrics[f'loss/{name}'] = losses[:, i].mean()
+    metrics[f'supervised_fraction/{name}'] = modes['supervised'][:, i].mean()
   return loss, metrics
 
 

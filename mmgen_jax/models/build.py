@@ -48,7 +48,8 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if objective == 'decoupled':
     heads = tuple(channels[mod.name] for mod in image_mods)
     layout = dict(in_channels=sum(heads), image_heads=heads, time_slots=heads, class_heads=(),
-                  num_tasks=len(image_mods) if m.use_task_embedding else 0)
+                  num_tasks=len(image_mods) if m.use_task_embedding else 0,
+                  task_embed_init_std=float(m.task_embed_init_std))
   elif objective == 'mt_elbo':
     # The trunk sees [z_t, observed encodings] and decodes every other modality.
     latent = int(config.codec.latent_channels) if codec == 'sd_vae' else None

@@ -106,18 +106,21 @@ def _times_per_column(t: jax.Array, time_slots: tuple[int, ...]) -> jax.Array:
 
 
 class LabelEmbedder(nnx.Module):
-  """An embedding table (class labels, or MMGen task indices), init N(0, 0.02).
+  """An embedding table (class labels, or MMGen task indices), init N(0, init_std²).
 
   For class labels with classifier-free guidance the table has one extra row,
   the null class `num_classes`; dropping labels is the objective's job.
+  DiT/SiT initialise the label table with std 0.02; MMGen's task table is a
+  plain `nn.Embedding`, std 1.
   """
 
   def __init__(self, num_embeddings: int, hidden_size: int, *, numerics: Numerics,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, init_std: float = 0.02):
     self.num_embeddings = num_embeddings
     self.embedding_table = nnx.Embed(
         num_embeddings, hidden_size,
-        embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ('vocab', 'embed')),
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(init_std),
+                                             ('vocab', 'embed')),
         dtype=numerics.dtype, param_dtype=numerics.param_dtype, rngs=rngs)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
@@ -182,7 +185,8 @@ class MMDiT(nnx.Module):
                image_heads: Sequence[int], time_slots: Sequence[int],
                class_heads: Sequence[int] = (), hidden_size: int, depth: int, num_heads: int,
                mlp_ratio: float = 4.0, qk_norm: bool = False, num_classes: int,
-               class_dropout_prob: float, num_tasks: int = 0, repa_encoder_depth: int = 0,
+               class_dropout_prob: float, num_tasks: int = 0, task_embed_init_std: float = 0.02,
+               repa_encoder_depth: int = 0,
                repa_z_dims: Sequence[int] = (), repa_projector_dim: int = 2048,
                remat: bool = False, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
@@ -199,7 +203,8 @@ class MMDiT(nnx.Module):
       num_classes: class labels; with class_dropout_prob > 0 the table gets one
         more row, the null class `num_classes` used for guidance.
       num_tasks: task table rows - 1 (0 = joint, m+1 = modality m is the
-        condition); 0 disables the task embedding.
+        condition); 0 disables the task embedding. task_embed_init_std: its
+        init std (MMGen's nn.Embedding: 1).
       repa_encoder_depth: REPA projectors read the output of this block
         (1-based); 0 disables them. repa_z_dims: one projector per z_dim.
       remat: recompute each block in the backward pass (saves activation memory).
@@ -220,7 +225,8 @@ class MMDiT(nnx.Module):
     self.x_embedder = layers.PatchEmbed(patch_size, in_channels, hidden_size, **kw)
     self.t_embedder = TimestepEmbedder(hidden_size, time_slots, **kw)
     self.y_embedder = LabelEmbedder(num_classes + int(class_dropout_prob > 0), hidden_size, **kw)
-    self.task_embedder = LabelEmbedder(num_tasks + 1, hidden_size, **kw) if num_tasks else None
+    self.task_embedder = (LabelEmbedder(num_tasks + 1, hidden_size, init_std=task_embed_init_std,
+                                        **kw) if num_tasks else None)
     self.blocks = nnx.List([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, **kw)
                             for _ in range(depth)])
     self.projectors = nnx.List([
