@@ -13,6 +13,9 @@ missing files) is logged, moved aside to `<workdir>/corrupt_checkpoints/` and
 the older step is used. When no step restores, nothing is moved: that is a
 mismatch between the run and its checkpoints (model size, RNG implementation,
 process count, data pipeline), and the error says so.
+
+`load_weights` reads only the weights and EMA weights of another run's
+checkpoint, to start a new run from them (`config.train.init_from`).
 """
 
 from __future__ import annotations
@@ -163,6 +166,68 @@ class Checkpointer:
   def close(self) -> None:
     """Waits for pending saves, then releases the manager."""
     self._manager.close()
+
+
+WEIGHTS = ('params', 'ema_params')
+
+
+def load_weights(source: str | os.PathLike, abstract_state: Any) -> dict[str, Any]:
+  """The weights and EMA weights of another run, for `config.train.init_from`.
+
+  `source` is a run's workdir, its `checkpoints/` directory or one step
+  directory; a directory of steps gives its newest finished step. Returns
+  {'params', 'ema_params'} placed on the shardings of `abstract_state`'s;
+  the optimizer, step, RNG and data position stay the new run's. The saved
+  trees must have the model's names and shapes (dtypes are cast); otherwise
+  the error lists every difference.
+  """
+  step_dir = _newest_step_dir(source)
+  where = f'config.train.init_from={str(source)!r} ({step_dir})'
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    saved = checkpointer.metadata(step_dir / 'state').item_metadata.tree
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'{where}: cannot read the saved train state: {type(e).__name__}: {e}') from e
+  target = {name: getattr(abstract_state, name) for name in WEIGHTS}
+  problems = [p for name in WEIGHTS for p in _differences(name, saved, target[name])]
+  if problems:
+    shown = '\n'.join(f'  - {p}' for p in problems[:20])
+    more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
+    raise ValueError(f'{where} does not fit this model ({len(problems)} difference(s)); '
+                     f'compare config.model with the config saved beside it:\n{shown}{more}')
+  restored = checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))
+  logging.info('Initialised the weights and EMA weights from %s.', step_dir)
+  return restored
+
+
+def _newest_step_dir(source: str | os.PathLike) -> epath.Path:
+  path = epath.Path(source)
+  if (path / 'state').is_dir():
+    return path
+  steps_dir = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+  steps = ocp.utils.checkpoint_steps(steps_dir) if steps_dir.is_dir() else []
+  if not steps:
+    raise FileNotFoundError(
+        f'config.train.init_from={str(source)!r}: no finished checkpoint there; expected a '
+        f'run\'s workdir, its {CHECKPOINT_DIR}/ directory or one step directory (with state/).')
+  return steps_dir / str(max(steps))
+
+
+def _differences(name: str, saved: Any, model: Any) -> list[str]:
+  """Leaves of `model` that are missing or shaped differently under saved[name], and extras."""
+  if name not in saved:
+    return [f'the checkpoint has no {name!r} (it has {sorted(saved)})']
+  def shapes(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {f'{name}{jax.tree_util.keystr(path)}': tuple(leaf.shape) for path, leaf in leaves}
+  have, want = shapes(saved[name]), shapes(model)
+  out = [f'{k}: saved {have[k]}, model {want[k]}'
+         for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
+  out += [f'{k}: not in the checkpoint' for k in sorted(want.keys() - have.keys())]
+  out += [f'{k}: in the checkpoint, not in the model' for k in sorted(have.keys() - want.keys())]
+  return out
 
 
 def _restored_everywhere(ok: bool, step: int) -> bool:

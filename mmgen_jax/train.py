@@ -285,6 +285,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   restored = ckpt.restore_latest(plan.abstract, data_iter)
   if restored is None:
     state, start = plan.init(), 0
+    if config.train.init_from:  # a new run from another's weights; its optimizer starts afresh
+      state = state.replace(**checkpoint_lib.load_weights(config.train.init_from, plan.abstract))
     writer.write_hparams(_flat_hparams(config))
   else:
     state, start = restored

@@ -195,3 +195,40 @@ def test_a_relative_workdir_is_made_absolute(tmp_path, monkeypatch):
   ckpt = checkpoint.Checkpointer('relative/workdir', tiny_task.tiny_config())
   assert ckpt.directory.is_absolute() and str(ckpt.directory).startswith(str(tmp_path))
   ckpt.close()
+
+
+# ---- another run's weights (config.train.init_from) ------------------------------------------
+
+
+@pytest.mark.parametrize('where', ['workdir', 'checkpoints', 'step'])
+def test_load_weights_reads_params_and_ema_only(saved, config, where):
+  workdir, state1, state2 = saved
+  source = {'workdir': workdir, 'checkpoints': workdir / 'checkpoints',
+            'step': workdir / 'checkpoints' / '1'}[where]
+  want = state1 if where == 'step' else state2  # a directory of steps gives its newest
+  plan = _plan((1, 8, 1), config)
+  weights = checkpoint.load_weights(str(source), plan.abstract)
+  assert sorted(weights) == ['ema_params', 'params']
+  _assert_same_values(weights['params'], want.params)
+  _assert_same_values(weights['ema_params'], want.ema_params)
+  for leaf, sharding in zip(jax.tree.leaves(weights['params']),
+                            jax.tree.leaves(plan.shardings.params), strict=True):
+    assert leaf.sharding == sharding
+
+
+def test_load_weights_from_nowhere_names_the_path(tmp_path, config):
+  with pytest.raises(FileNotFoundError, match=f"init_from='{tmp_path}/run': no finished "
+                     'checkpoint there'):
+    checkpoint.load_weights(str(tmp_path / 'run'), _plan((8, 1, 1), config).abstract)
+
+
+def test_load_weights_of_another_model_lists_the_differences(saved, config):
+  workdir, _, _ = saved
+  wider = config.copy_and_resolve_references()
+  wider.model.hidden_size *= 2
+  with pytest.raises(ValueError) as e:
+    checkpoint.load_weights(str(workdir), _plan((8, 1, 1), wider).abstract)
+  message = str(e.value)
+  assert f"init_from='{workdir}' ({workdir}/checkpoints/2) does not fit this model" in message
+  assert "params['inp']['kernel']: saved (5, 64), model (5, 128)" in message
+  assert "ema_params['up']['kernel']: saved (64, 128), model (128, 256)" in message

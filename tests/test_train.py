@@ -80,6 +80,33 @@ def test_resume_is_exact(straight, tmp_path):
   _assert_bitwise_equal(state, ref_state)
 
 
+def test_init_from_starts_a_new_run_from_another_runs_weights(straight, tmp_path):
+  """train.init_from: the straight run's weights and EMA, a fresh optimizer, step 0."""
+  source, _, source_state = straight
+  # One step at a vanishing learning rate leaves the loaded weights as they were.
+  config = _config(**{'train.num_steps': 1, 'train.init_from': source,
+                      'optim.learning_rate': 1e-12})
+  workdir = str(tmp_path)
+  train.train_and_evaluate(config, workdir, parts=tiny_task.make_parts(config))
+  state, step = _final_state(workdir, config)
+  assert step == 1 and int(state.step) == 1
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(source_state.params),
+                       strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-9)
+  decay = float(ts.ema_decay_at(0, config.optim.ema_decay))  # the EMA moves on from the loaded one
+  for got, ema, params in zip(jax.tree.leaves(state.ema_params),
+                              jax.tree.leaves(source_state.ema_params),
+                              jax.tree.leaves(source_state.params), strict=True):
+    np.testing.assert_allclose(got, decay * ema + (1 - decay) * params, rtol=1e-5, atol=1e-6)
+  counts = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) == 0]
+  assert counts and all(int(c) == 1 for c in counts)  # Adam's own, one step old
+  # Once the run has checkpoints of its own, it resumes from them.
+  again = _config(**{'train.num_steps': 2, 'train.init_from': str(tmp_path / 'nowhere'),
+                     'optim.learning_rate': 1e-12})
+  resumed = train.train_and_evaluate(again, workdir, parts=tiny_task.make_parts(again))
+  assert sorted(resumed['loss_history']) == [2]
+
+
 def test_sigterm_saves_at_the_step_boundary_and_resume_is_exact(straight, tmp_path):
   _, ref, ref_state = straight
   workdir = str(tmp_path)
