@@ -1,7 +1,10 @@
 """The training loop: exact resume, preemption, NaN stop, summaries and samples."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -124,6 +127,53 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_is_exact(straight, tmp_pa
   _assert_bitwise_equal(state, ref_state)
 
 
+def _kill_during_or_right_after_a_save(proc, checkpoints, after_step: int) -> list[str]:
+  """SIGKILLs `proc` as soon as a save of a step past `after_step` is being written
+  (Orbax's temporary directory) or has just been committed; returns what it saw."""
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline:
+    assert proc.poll() is None, f'the run ended before it was killed:\n{proc.communicate()[1][-3000:]}'
+    names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
+    if any(int(name.split('.')[0]) > after_step for name in names):
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+      return names
+    time.sleep(0.002)
+  proc.kill()
+  raise AssertionError(f'no save past step {after_step} in {checkpoints} within 300 s')
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_async_save_then_the_same_command_resumes_exactly(straight, tmp_path):
+  """A real SIGKILL (no handler, no final save) while or just after step 2+ is saved."""
+  _, ref, ref_state = straight
+  workdir = tmp_path / 'killed'
+  # The run of `straight`, with a save after every step so the kill lands mid-run.
+  cmd = [sys.executable, tiny_task.__file__, f'--workdir={workdir}', f'--num_steps={STEPS}',
+         '--mesh=-1,2,1', '--checkpoint_every=1']
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  killed = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+  try:
+    seen = _kill_during_or_right_after_a_save(killed, workdir / 'checkpoints', after_step=1)
+  finally:
+    if killed.poll() is None:
+      killed.kill()
+  assert killed.returncode == -signal.SIGKILL
+  committed = sorted(int(name) for name in seen if name.isdigit())
+  assert STEPS not in committed, seen  # the run was cut short
+
+  again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  line = next(l for l in again.stdout.splitlines() if l.startswith('RESULT '))
+  resumed = {int(k): v for k, v in json.loads(line[len('RESULT '):])['loss_history'].items()}
+  # It resumed from the newest committed step; a half-written one does not count.
+  assert sorted(resumed) == list(range(max(committed, default=0) + 1, STEPS + 1)), seen
+  assert resumed == {s: ref['loss_history'][s] for s in resumed}
+  state, _ = _final_state(str(workdir), _config())
+  _assert_bitwise_equal(state, ref_state)
+
+
 def test_sigint_also_asks_to_stop():
   with train.StopSignals() as stop:
     assert not stop.should_stop(1)
@@ -146,6 +196,36 @@ def test_nan_loss_stops_with_the_step_and_modality_losses(tmp_path):
 
 
 # ---- optimizer pieces ---------------------------------------------------------------------
+
+
+def test_ema_params_are_the_ema_of_the_parameter_history():
+  """e_0 = p_0, e_(s+1) = d_s e_s + (1 - d_s) p_(s+1) with d_s = min(decay, (1 + s) / (10 + s))."""
+  decay = 0.2  # the warm-up (1 + s) / (10 + s) reaches it at s = 2: both branches are used
+  config = _config(**{'optim.ema_decay': decay})
+  mesh = parallel.make_mesh(dict(data=2, fsdp=1, tensor=1), jax.devices()[:2])
+  schedule = ts.make_schedule(config.optim, 10)
+  tx = ts.make_optimizer(config.optim, schedule)
+  plan = ts.plan_train_state(tiny_task.make_model_fn(config), tx, mesh, config.sharding_rules,
+                             0, config.train.rng_impl)
+  step = ts.jit_train_step(
+      ts.make_train_step(plan.graphdef, tiny_task.loss_fn, tx, schedule, ema_decay=decay,
+                         rng_impl=config.train.rng_impl),
+      plan.shardings, parallel.batch_sharding(mesh, config.sharding_rules), mesh)
+  data = tiny_task.make_data_iter(config, 0, 1)
+  state = plan.init()
+  history = [jax.device_get(state.params)]
+  for _ in range(4):
+    state, _ = step(state, pipeline.to_global_batch(next(data), mesh, config.sharding_rules))
+    history.append(jax.device_get(state.params))
+
+  expected = jax.tree.map(np.float64, history[0])
+  for s, params in enumerate(history[1:]):
+    d = min(decay, (1 + s) / (10 + s))
+    expected = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * p, expected, params)
+  ema = jax.device_get(state.ema_params)
+  assert jax.tree.structure(ema) == jax.tree.structure(expected)
+  for got, want in zip(jax.tree.leaves(ema), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_warmup_then_cosine_schedule():
@@ -189,7 +269,7 @@ def test_gradient_accumulation_matches_one_big_batch():
   np.testing.assert_allclose(out[4][1]['grad_norm'], out[1][1]['grad_norm'], rtol=1e-5)
   # Adam's first update is ~lr * sign(grad), so near-zero gradients turn float summation
   # order into visible parameter differences; 1e-5 is a thousandth of the step (lr 1e-2).
-  for a, b in zip(jax.tree.leaves(out[4][0]), jax.tree.leaves(out[1][0])):
+  for a, b in zip(jax.tree.leaves(out[4][0]), jax.tree.leaves(out[1][0]), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
