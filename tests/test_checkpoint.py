@@ -232,3 +232,16 @@ def test_load_weights_of_another_model_lists_the_differences(saved, config):
   assert f"init_from='{workdir}' ({workdir}/checkpoints/2) does not fit this model" in message
   assert "params['inp']['kernel']: saved (5, 64), model (5, 128)" in message
   assert "ema_params['up']['kernel']: saved (64, 128), model (128, 256)" in message
+
+
+def test_load_weights_names_missing_and_unexpected_parameters(saved, config):
+  workdir, _, _ = saved
+  abstract = _plan((8, 1, 1), config).abstract
+  params = dict(abstract.params)
+  params['mlp'] = params.pop('up')  # a model whose layer is named differently
+  with pytest.raises(ValueError) as e:
+    checkpoint.load_weights(str(workdir), abstract.replace(params=params))
+  message = str(e.value)
+  assert '(4 difference(s))' in message  # kernel and bias, each way; the EMA fits
+  assert "params['mlp']['kernel']: not in the checkpoint" in message
+  assert "params['up']['bias']: in the checkpoint, not in the model" in message
