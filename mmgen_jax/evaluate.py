@@ -101,10 +101,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   limit = int(config.eval.num_examples)
   it = pipeline.make_iterator(config, config.data.eval_split, train=False)
 
+  # y is the null class (no label given): guidance would mix v_null with itself.
+  settings = {**samplers.settings_from_config(config), 'cfg_scale': 1.0}
   sample = jax.jit(lambda m, key, y, cond: samplers.sample(
       m, key, mods=mods, shape=cond.shape[:3], y=y, num_classes=num_classes,
-      condition={first.name: cond}, num_steps=int(config.sample.num_steps),
-      path=config.objective.path, prediction=config.objective.prediction))
+      condition={first.name: cond}, **settings))
 
   preds: dict[str, list[np.ndarray]] = {m.name: [] for m in images[1:]}
   truth: dict[str, list[np.ndarray]] = {m.name: [] for m in images[1:]}

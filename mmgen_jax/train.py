@@ -129,8 +129,7 @@ def make_sample_fn(config: ml_collections.ConfigDict
   def sample_decoupled(model, rng) -> dict[str, np.ndarray]:
     from mmgen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
     kw = dict(mods=mods, shape=(n, res, res), num_classes=num_classes,
-              num_steps=int(config.sample.num_steps), cfg_scale=float(config.sample.cfg_scale),
-              path=config.objective.path, prediction=config.objective.prediction)
+              **samplers.settings_from_config(config))
     k_joint, k_cond = jax.random.split(rng)
     y = np.arange(n, dtype=np.int32) % num_classes
     grids = {'joint': grid(rows(samplers.sample(model, k_joint, y=y, **kw)))}

@@ -1,5 +1,10 @@
-"""ODE/SDE samplers against toy models whose exact velocity is known."""
+"""ODE/SDE samplers against toy models whose exact velocity is known, and against
+trajectories of MMGen's official samplers (tests/data/README_samplers.md)."""
 
+import importlib.util
+import json
+import os
+import re
 from typing import NamedTuple
 
 from flax import nnx
@@ -7,8 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
+import safetensors.numpy
 
 from mmgen_jax import config_schema
+from mmgen_jax import config_validation
 from mmgen_jax import modalities
 from mmgen_jax.diffusion import paths
 from mmgen_jax.diffusion import samplers
@@ -178,6 +186,10 @@ def test_errors_name_the_problem():
     _run(Zero(), condition={'depth': jnp.zeros((3, 2, 2, 3))})
   with pytest.raises(ValueError, match='method'):
     _run(Zero(), method='dpm')
+  with pytest.raises(ValueError, match='cfg_scale must be >= 1'):
+    _run(Zero(), cfg_scale=0.5)
+  with pytest.raises(ValueError, match=r'noise.steps has shape None; .* \(4, 3, 2, 2, 10\)'):
+    _run(Zero(), 'euler_maruyama', noise=samplers.Noise(jnp.zeros((*SHAPE, 10))))
 
 
 @pytest.mark.slow
@@ -199,3 +211,141 @@ def test_real_mmdit_under_jit():
   np.testing.assert_array_equal(out['rgb'], cond)
   assert {k: v.shape[-1] for k, v in out.items()} == dict(rgb=3, depth=1, normal=3, segmentation=3)
   assert all(np.all(np.isfinite(np.asarray(v))) for v in out.values())
+
+
+# ---- parity with MMGen's official samplers.py ---------------------------------------------
+
+PARITY_FILE = os.path.join(os.path.dirname(__file__), 'data', 'sampler_parity.safetensors')
+with safetensors.safe_open(PARITY_FILE, 'np') as _f:
+  PARITY_CASES = json.loads(_f.metadata()['cases'])
+PARITY_CHANNELS = [4, 4, 4, 4]  # the released model's four 4-channel latent slots
+NAMES = [m.name for m in modalities.images(MODS)]
+PATH_NAMES = {'linear': 'linear', 'cosine': 'vp_cosine'}  # official name -> ours
+
+
+class LinearVelocity(nnx.Module):
+  """The analytic field of tests/data/sampler_parity_make.py; `record` sees every call."""
+
+  def __init__(self, params, record):
+    self.a, self.b, self.e, self.g = (nnx.Variable(jnp.asarray(params[f'model/{k}']))
+                                      for k in 'ABEG')
+    self.record = record
+
+  def __call__(self, x, t, y, task=None):
+    t = paths.slot_times_to_channels(t, PARITY_CHANNELS)[:, 0, 0, :]
+    task = jnp.zeros_like(y) if task is None else task
+    v = x @ self.a[...] + (t @ self.b[...] + self.e[...][y] + self.g[...][task])[:, None, None, :]
+    jax.debug.callback(self.record, x, t, y, task, ordered=True)
+    return Out(images=paths.split_slots(v, PARITY_CHANNELS))
+
+
+@pytest.fixture(scope='module')
+def parity():
+  return safetensors.numpy.load_file(PARITY_FILE)
+
+
+def _replay(case, data):
+  """Runs our sampler on a case's noise; returns ({name: output}, the model's calls)."""
+  s, get = PARITY_CASES[case], lambda key: data[f'{case}/{key}']
+  calls = []
+  model = LinearVelocity(data, lambda *a: calls.append(tuple(np.asarray(v) for v in a)))
+  condition = None if s['slot'] is None else {NAMES[s['slot']]: get('condition')}
+  steps = get('steps') if s['method'] == 'euler_maruyama' else None
+  out = samplers.sample(
+      model, None, mods=MODS, shape=get('initial').shape[:3], y=jnp.asarray(get('y')),
+      num_classes=len(data['model/E']) - 1, condition=condition, num_steps=s['num_steps'],
+      cfg_scale=s['cfg_scale'], guidance_low=s.get('guidance_low', 0.0),
+      guidance_high=s.get('guidance_high', 1.0), method=s['method'], t_cond=s['t_cond'],
+      path=PATH_NAMES[s.get('path_type', 'linear')], channels=PARITY_CHANNELS,
+      noise=samplers.Noise(get('initial'), steps))
+  jax.effects_barrier()
+  return out, calls
+
+
+# Float32 round-off against the official float64 state (measured: at most 6e-6, over
+# 250 steps); a dropped
+# step, a wrong noise or score coefficient or a fading condition moves it by > 1e-3.
+PARITY_ATOL = 2e-5
+
+
+@pytest.mark.parametrize('case', sorted(PARITY_CASES))
+def test_matches_official_trajectory(case, parity):
+  out, calls = _replay(case, parity)
+  get = lambda key: parity[f'{case}/{key}']
+  n, null = len(get('y')), len(parity['model/E']) - 1
+  assert len(calls) == len(get('calls_x'))
+  for i, ((x, t, y, task), guided) in enumerate(zip(calls, get('calls_guided'), strict=True)):
+    assert len(y) == n * (1 + guided), f'call {i}: guidance on = {bool(guided)} expected'
+    np.testing.assert_array_equal(y[n:], null)
+    np.testing.assert_array_equal(task, get('calls_task')[i])
+    np.testing.assert_allclose(t[:n], get('calls_t')[i], atol=1e-7, err_msg=f'call {i}')
+    np.testing.assert_allclose(x[:n], get('calls_x')[i], atol=PARITY_ATOL, err_msg=f'call {i}')
+  final = paths.split_slots(get('final'), PARITY_CHANNELS)
+  slot = PARITY_CASES[case]['slot']
+  for i, name in enumerate(NAMES):
+    # MMGen returns the held (noised) condition; we return the clean one.
+    expected = get('condition') if i == slot else final[i]
+    np.testing.assert_allclose(out[name], expected, atol=PARITY_ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize('method', samplers.METHODS)
+def test_model_sees_the_same_condition_at_every_call(method):
+  seen = []
+
+  class Recorder(nnx.Module):
+
+    def __call__(self, x, t, y, task=None):
+      jax.debug.callback(lambda *a: seen.append(a), x[..., :3], t[:, 0], ordered=True)
+      return _split(0.5 * x + t[:, 1:2, None, None])
+
+  cond = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (*SHAPE, 3)), jnp.float32)
+  _run(Recorder(), method, num_steps=20, condition={'rgb': cond}, cfg_scale=2.0,
+       guidance_low=0.3, guidance_high=0.6)
+  jax.effects_barrier()
+  assert len(seen) == samplers.num_function_evals(20, method)
+  for x, t in seen:
+    np.testing.assert_array_equal(x[:3], seen[0][0][:3])
+    np.testing.assert_array_equal(t, np.float32(0.005))
+
+
+def test_settings_come_from_config_sample():
+  config = config_schema.base_config()
+  config.sample.update(method='heun', num_steps=3, cfg_scale=2.0, guidance_low=0.2,
+                       guidance_high=0.7, t_cond=0.01)
+  settings = samplers.settings_from_config(config)
+  assert settings == dict(method='heun', num_steps=3, cfg_scale=2.0, guidance_low=0.2,
+                          guidance_high=0.7, t_cond=0.01, path=config.objective.path,
+                          prediction=config.objective.prediction)
+  _run(Zero(), **settings)  # every setting is one of sample's arguments
+
+
+@pytest.mark.parametrize('changes, expected', [
+    ({'method': 'rk4'}, "config.sample.method='rk4' is not one of ['euler', 'heun', "
+     "'euler_maruyama']"),
+    ({'cfg_scale': 0.5}, 'config.sample.cfg_scale=0.5 must be >= 1.0'),
+    ({'guidance_high': 1.5}, 'config.sample.guidance_high=1.5 must be in [0.0, 1.0]'),
+    ({'guidance_low': 0.8, 'guidance_high': 0.2}, 'guidance_low=0.8 exceeds guidance_high=0.2'),
+    ({'t_cond': -0.1}, 'config.sample.t_cond=-0.1 must be in [0.0, 1.0]'),
+])
+def test_config_sample_checks_name_key_and_value(changes, expected):
+  config = config_schema.base_config()
+  config.sample.update(changes)
+  with pytest.raises(config_validation.ConfigError, match=re.escape(expected)):
+    config_validation.validate(config, num_devices=1, num_processes=1)
+
+
+def test_guidance_needs_a_null_class():
+  config = config_schema.base_config()
+  config.sample.cfg_scale, config.model.class_dropout_prob = 2.0, 0.0
+  with pytest.raises(config_validation.ConfigError, match='class_dropout_prob=0 does not have'):
+    config_validation.validate(config, num_devices=1, num_processes=1)
+
+
+def test_xl2_config_samples_as_mmgen_inference():
+  path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'imagenet256_xl2.py')
+  spec = importlib.util.spec_from_file_location('imagenet256_xl2', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  settings = samplers.settings_from_config(module.get_config())
+  assert settings == dict(method='euler_maruyama', num_steps=250, cfg_scale=1.0, guidance_low=0.0,
+                          guidance_high=1.0, t_cond=0.005, path='linear', prediction='v')

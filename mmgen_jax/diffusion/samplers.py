@@ -8,60 +8,99 @@ One call covers MMGen's three uses:
 * conditional generation (condition={'depth': d}): depth held, RGB and the rest
   generated.
 
-As in MMGen's inference, a condition enters the model noised to t_cond
-((1 - t_cond) c + t_cond eps) with task index m + 1; its velocity is zeroed so
-the slot never moves, and the returned dict holds the clean condition.
-Classifier-free guidance mixes the class-conditional and null-class (id
-num_classes) velocities: v = v_null + cfg_scale (v_y - v_null).
+Read against MMGen's `samplers.py` and `exp_sample.py` (jiepengwang/MMGen):
 
-Methods: 'euler' and 'heun' integrate dx/dt = v on linspace(t_max, 0, N + 1)
-(Heun's last step is plain Euler since it would evaluate at t = 0, as in
-MMGen/EDM); 'euler_maruyama' is MMGen's default SDE sampler (grid
-linspace(1, 0.04, N) then 0, drift v - var * score, diffusion 2 var with var = t
-on the linear path, no noise on the last step).
+* The start is one Gaussian draw over every channel; a condition replaces its
+  slot by (1 - t_cond) c + t_cond eps with eps that slot's own draw
+  (exp_sample.py's `--t-blend-start` blend). The model sees the condition slot
+  at time t_cond with task index m + 1 at every call, and the slot never moves
+  (MMGen's euler_maruyama_sampler keeps its time at t_blend_start, a zero
+  step); the returned dict holds the clean condition. MMGen's euler_sampler has
+  no condition; here the ODE methods hold it the same way.
+* Classifier-free guidance mixes the class-conditional and null-class (id
+  num_classes) velocities, v = v_null + cfg_scale (v_y - v_null), only at the
+  calls whose time t (the generated modalities' time, where the velocity is
+  evaluated: for Heun's corrector the step's end) satisfies
+  guidance_low <= t <= guidance_high, as euler_sampler does. MMGen's
+  euler_maruyama_sampler guides every step, which is the default interval [0, 1].
+* 'euler' and 'heun' integrate dx/dt = v on linspace(t_max, 0, N + 1); Heun's
+  last step is plain Euler (it would evaluate at t = 0), as in euler_sampler.
+* 'euler_maruyama' (exp_sample.py's sampler) steps on linspace(t_max, 0.04, N)
+  then 0, with drift v - w/2 score and diffusion w = 2 t on every path (the
+  score from the velocity, score = (alpha/alpha' v - x) / var); every step but
+  the last adds sqrt(w |dt|) noise, the last (0.04 -> 0) applies the drift alone.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import functools
+from typing import Mapping, NamedTuple, Sequence
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax.diffusion import paths
 
 METHODS = ('euler', 'heun', 'euler_maruyama')
+SDE_LAST_T = 0.04  # euler_maruyama's last noisy time, as in MMGen's samplers.py
+
+
+class Noise(NamedTuple):
+  """Pre-drawn noise used instead of draws from `rng` (to replay another sampler's noise).
+
+  initial: (N, H, W, C), the start (and, in its slot, the condition's noise);
+  steps: (num_steps - 1, N, H, W, C), euler_maruyama's noise per noisy step.
+  """
+  initial: jax.Array
+  steps: jax.Array | None = None
 
 
 def num_function_evals(num_steps: int, method: str) -> int:
-  """Model calls per sample batch (doubled internally when guidance is on)."""
+  """Model calls per sample batch (each on a doubled batch where guidance is on)."""
   if method not in METHODS:
     raise ValueError(f'method={method!r} is not one of {METHODS}.')
   return 2 * num_steps - 1 if method == 'heun' else num_steps
 
 
-def time_grid(num_steps: int, method: str, t_max: float = 1.0) -> jax.Array:
-  """The decreasing times visited, num_steps + 1 of them, ending at 0."""
+def time_grid(num_steps: int, method: str, t_max: float = 1.0) -> np.ndarray:
+  """The decreasing times visited (float64), num_steps + 1 of them, ending at 0."""
   if method == 'euler_maruyama':
-    return jnp.concatenate([jnp.linspace(t_max, 0.04, num_steps), jnp.zeros((1,))])
-  return jnp.linspace(t_max, 0.0, num_steps + 1)
+    return np.concatenate([np.linspace(t_max, SDE_LAST_T, num_steps), [0.0]])
+  return np.linspace(t_max, 0.0, num_steps + 1)
+
+
+def guided_times(ts: np.ndarray, cfg_scale: float, guidance_low: float,
+                 guidance_high: float) -> np.ndarray:
+  """Whether the velocity at each grid time is guided (bounds inclusive, as in MMGen)."""
+  return (cfg_scale > 1.0) & (guidance_low <= ts) & (ts <= guidance_high)
+
+
+def settings_from_config(config: ml_collections.ConfigDict) -> dict:
+  """`sample` keyword arguments from config.sample (and the path/prediction trained on)."""
+  s = config.sample
+  return dict(method=s.method, num_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
+              guidance_low=float(s.guidance_low), guidance_high=float(s.guidance_high),
+              t_cond=float(s.t_cond), path=config.objective.path,
+              prediction=config.objective.prediction)
 
 
 def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[int, int, int],
            y: jax.Array, num_classes: int, condition: Mapping[str, jax.Array] | None = None,
-           num_steps: int = 50, cfg_scale: float = 1.0, method: str = 'euler',
-           t_cond: float = 0.005, t_max: float = 1.0, path: str = 'linear',
-           prediction: str = 'v', channels: Sequence[int] | None = None,
-           use_task: bool = True) -> dict[str, jax.Array]:
+           num_steps: int = 50, cfg_scale: float = 1.0, guidance_low: float = 0.0,
+           guidance_high: float = 1.0, method: str = 'euler', t_cond: float = 0.005,
+           t_max: float = 1.0, path: str = 'linear', prediction: str = 'v',
+           channels: Sequence[int] | None = None, use_task: bool = True,
+           noise: Noise | None = None) -> dict[str, jax.Array]:
   """Samples every image modality; returns {name: (N, H, W, C)}.
 
   shape: (N, H, W) in model space; channels: model-space channels per image
   modality in slot order (default: pixel channels from `mods`); y: (N,) class
   ids; condition: at most one image modality held fixed; use_task=False for a
-  model without task embedding.
+  model without task embedding; noise: replaces the draws from `rng`.
   """
   images = modalities_lib.images(mods)
   names = [m.name for m in images]
@@ -72,6 +111,8 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
     raise ValueError(f'method={method!r} is not one of {METHODS}.')
   if num_steps < 1:
     raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
+  if cfg_scale < 1.0:
+    raise ValueError(f'cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}.')
   paths.check_path(path, prediction)
   if prediction == 'eps' and t_max >= 1.0:
     raise ValueError('an eps-predicting model has no velocity at t = 1 (alpha = 0); '
@@ -86,13 +127,21 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
   n, h, w = shape
   if y.shape != (n,):
     raise ValueError(f'y must have shape ({n},), got {y.shape}.')
+  full_shape = (n, h, w, sum(ch))
+  if noise is None:
+    k_init, k_sde = jax.random.split(rng)
+    noise = Noise(paths.normal(k_init, full_shape))
+    step_noise = lambda i: paths.normal(jax.random.fold_in(k_sde, i), full_shape)
+  else:
+    _check_noise(noise, full_shape, num_steps, method)
+    steps = None if noise.steps is None else jnp.asarray(noise.steps, jnp.float32)
+    step_noise = lambda i: steps[i]
+
   cond_name = next(iter(condition), None)
   task = modalities_lib.task_index(mods, cond_name)
   cond_slots = np.array([name == cond_name for name in names])
   cond_ch = jnp.asarray(np.repeat(cond_slots, ch))
-
-  k_init, k_cond, k_sde = jax.random.split(rng, 3)
-  x = paths.normal(k_init, (n, h, w, sum(ch)))
+  x = jnp.asarray(noise.initial, jnp.float32)
   if cond_name is not None:
     slot = names.index(cond_name)
     c = jnp.asarray(condition[cond_name], jnp.float32)
@@ -100,49 +149,61 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
       raise ValueError(f'condition[{cond_name!r}] has shape {c.shape}; expected '
                        f'{(n, h, w, ch[slot])}.')
     start = sum(ch[:slot])
-    noisy = paths.interpolate(path, c, paths.normal(k_cond, c.shape), t_cond)
+    noisy = paths.interpolate(path, c, x[..., start:start + ch[slot]], t_cond)
     x = x.at[..., start:start + ch[slot]].set(noisy)
+  x_start = x
 
-  guided = cfg_scale != 1.0
-  y_in = jnp.concatenate([y, jnp.full_like(y, num_classes)]) if guided else y
-  n_in = y_in.shape[0]
-  task_in = jnp.full((n_in,), task, jnp.int32)
+  def hold(x):
+    """Every state the model sees carries the same condition input."""
+    return jnp.where(cond_ch, x_start, x)
+
   graphdef, state = nnx.split(model)
 
-  def velocity(x, t):
+  def velocity(x, t, guided: bool):
     net = nnx.merge(graphdef, state)
-    t_slots = jnp.where(cond_slots[None, :], t_cond, jnp.full((n_in, len(ch)), t))
+    y_in = jnp.concatenate([y, jnp.full_like(y, num_classes)]) if guided else y
     x_in = jnp.concatenate([x, x]) if guided else x
-    out = net(x_in, t_slots, y_in, task=task_in if use_task else None)
+    t_slots = jnp.where(cond_slots[None, :], t_cond, jnp.full((x_in.shape[0], len(ch)), t))
+    task_in = jnp.full((x_in.shape[0],), task, jnp.int32) if use_task else None
+    out = net(x_in, t_slots, y_in, task=task_in)
     pred = jnp.concatenate(out.images, axis=-1).astype(jnp.float32)
     v = paths.to_velocity(path, prediction, pred, x_in, paths.slot_times_to_channels(t_slots, ch))
     if guided:
       v_y, v_null = jnp.split(v, 2)
       v = v_null + cfg_scale * (v_y - v_null)
-    return jnp.where(cond_ch, 0.0, v)  # the condition never moves
+    return v
 
-  ts = time_grid(num_steps, method, t_max)
+  grid = time_grid(num_steps, method, t_max)
+  guided = guided_times(grid, cfg_scale, guidance_low, guidance_high)
+  ts = jnp.asarray(grid, jnp.float32)
+
+  def velocity_at(i, x):
+    """v at grid time ts[i]; guided or not as that time lies in the guidance interval."""
+    if guided.all() or not guided.any():  # decided now: no branch in the loop
+      return velocity(x, ts[i], bool(guided[0]))
+    return jax.lax.cond(jnp.asarray(guided)[i], functools.partial(velocity, guided=True),
+                        functools.partial(velocity, guided=False), x, ts[i])
 
   def euler_step(i, x):
-    return x + (ts[i + 1] - ts[i]) * velocity(x, ts[i])
+    return hold(x + (ts[i + 1] - ts[i]) * velocity_at(i, x))
 
   def heun_step(i, x):
     dt = ts[i + 1] - ts[i]
-    v = velocity(x, ts[i])
-    v_next = velocity(x + dt * v, ts[i + 1])
-    return x + dt * 0.5 * (v + v_next)
+    v = velocity_at(i, x)
+    v_next = velocity_at(i + 1, hold(x + dt * v))
+    return hold(x + dt * 0.5 * (v + v_next))
 
-  def sde_step(i, x):
+  def sde_step(i, x, noisy: bool = True):
     t, dt = ts[i], ts[i + 1] - ts[i]
-    v = velocity(x, t)
+    v = velocity_at(i, x)
     alpha, sigma, d_alpha, d_sigma = paths.coefficients(path, t)
     ratio = alpha / d_alpha
-    var = sigma * sigma - ratio * d_sigma * sigma  # = t on the linear path
-    score = (ratio * v - x) / var
-    mean = x + dt * (v - var * score)
-    noise = paths.normal(jax.random.fold_in(k_sde, i), x.shape)
-    noise = jnp.where(cond_ch, 0.0, noise)
-    return mean + jnp.sqrt(2.0 * var * jnp.abs(dt)) * noise
+    score = (ratio * v - x) / (sigma * sigma - ratio * d_sigma * sigma)
+    diffusion = 2.0 * t
+    x = x + dt * (v - 0.5 * diffusion * score)
+    if noisy:
+      x = x + jnp.sqrt(diffusion * jnp.abs(dt)) * step_noise(i)
+    return hold(x)
 
   if method == 'euler':
     x = jax.lax.fori_loop(0, num_steps, euler_step, x)
@@ -151,9 +212,20 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
     x = euler_step(num_steps - 1, x)
   else:
     x = jax.lax.fori_loop(0, num_steps - 1, sde_step, x)
-    x = euler_step(num_steps - 1, x)
+    x = sde_step(num_steps - 1, x, noisy=False)
 
-  result = dict(zip(names, paths.split_slots(x, ch)))
+  result = dict(zip(names, paths.split_slots(x, ch), strict=True))
   if cond_name is not None:
     result[cond_name] = jnp.asarray(condition[cond_name], jnp.float32)
   return result
+
+
+def _check_noise(noise: Noise, full_shape: tuple[int, ...], num_steps: int, method: str) -> None:
+  if noise.initial.shape != full_shape:
+    raise ValueError(f'noise.initial has shape {noise.initial.shape}; expected {full_shape}.')
+  if method == 'euler_maruyama':
+    expected = (num_steps - 1, *full_shape)
+    got = None if noise.steps is None else noise.steps.shape
+    if got != expected:
+      raise ValueError(f'noise.steps has shape {got}; euler_maruyama with num_steps='
+                       f'{num_steps} expects {expected}.')
