@@ -3,7 +3,7 @@
 Every sample takes one of three modes (its task index in brackets):
 
 * joint [0]: all image modalities share one t ~ U(0, 1);
-* RGB-only: a joint sample supervised on RGB (slot 0) alone;
+* RGB-only [0]: a joint sample supervised on RGB (slot 0) alone;
 * conditional [m + 1]: image modality m is a condition at t = cond_t_max · U(0, 1)
   and is not supervised; the others share one t ~ U(0, 1). m is drawn uniformly
   per sample, or is `cond_task_fixed` for every conditional sample.
@@ -33,9 +33,11 @@ MMGen's data-parallel training: its train.py computes this per process and
 DDP averages the gradients, so the layout, the dropout rate and the
 normalisation are all per process batch there.
 
-MMGen's RGB -> X fine-tune (scripts/finetune_hypersim_rgb2x.sh, `--cond-task-fixed
-0`) is joint_prob = 0, cond_t_max = 0 and cond_task_fixed = 'rgb': every sample
-is conditioned on clean RGB (t = 0 exactly) and supervises the other modalities.
+configs/imagenet256_xl2.py sets MMGen's released recipe (scripts/train_imagenet.sh)
+in these terms. Its RGB -> X fine-tune (scripts/finetune_hypersim_rgb2x.sh,
+`--cond-task-fixed 0`) is joint_prob = 0, cond_t_max = 0 and cond_task_fixed =
+'rgb': every sample is conditioned on clean RGB (t = 0 exactly) and supervises
+the other modalities (configs/scenes32.py:rgb2x).
 
 Read against MMGen's loss.py / train.py (jiepengwang/MMGen). Differences:
 
