@@ -78,7 +78,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.repa_projector_dim = 2048
   c.model.param_dtype = 'float32'
   c.model.dtype = 'float32'           # compute dtype: 'float32' | 'bfloat16'
-  c.model.remat = False               # recompute each block in the backward pass (saves memory)
+  # The blocks as one stacked module run by a scan (compile time independent of
+  # depth), or one module per block; checkpoints restore into either layout.
+  c.model.scan_layers = True
+  c.model.scan_unroll = 1             # blocks per scan iteration; model.depth: no loop at all
+  # What the backward pass recomputes: 'none' (keep every activation), 'full'
+  # (keep each block's input) or 'save_dots' (keep the weight matmuls' outputs).
+  c.model.remat_policy = 'none'
 
   # ---- objective ---------------------------------------------------------------
   c.objective = ml_collections.ConfigDict()
@@ -130,6 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
       ('channels', None),
       ('length', None),
       ('freq', None),
+      ('layers', None),               # the stacked blocks' leading axis
   )
 
   # ---- training loop -------------------------------------------------------

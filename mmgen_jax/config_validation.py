@@ -20,6 +20,7 @@ from mmgen_jax import modalities as modalities_lib
 from mmgen_jax import parallel
 from mmgen_jax.diffusion import paths
 from mmgen_jax.diffusion import samplers
+from mmgen_jax.models import dit
 
 OBJECTIVES = ('decoupled', 'mt_elbo')
 CODEC_DOWNSAMPLE = {'identity': 1, 'sd_vae': 8}
@@ -169,6 +170,8 @@ def _check_model(config, num_devices, num_processes) -> Iterator[str]:
     yield from _at_least('model.repa_projector_dim', m.repa_projector_dim, 1)
   yield from _one_of('model.dtype', m.dtype, DTYPES)
   yield from _one_of('model.param_dtype', m.param_dtype, DTYPES)
+  yield from _at_least('model.scan_unroll', m.scan_unroll, 1)
+  yield from _one_of('model.remat_policy', m.remat_policy, dit.REMAT_POLICIES)
 
   codec = config.codec.name
   if codec not in CODEC_DOWNSAMPLE:

@@ -150,9 +150,10 @@ def analytic_activation_bytes(config: ml_collections.ConfigDict, per_device_batc
   (8 bytes·D), plus, in the compute dtype, modulated inputs, q/k/v, attention
   output, projection and the two MLP activations ((7 + 2·mlp_ratio)·D), plus
   the attention logits (float32) and probabilities (heads·T each). With
-  model.remat only each block's input is kept, plus one block's worth during
-  its recompute.
-  Tensor parallelism divides the per-head and MLP parts.
+  model.remat_policy 'full' only each block's float32 input is kept, with
+  'save_dots' also the weight matmuls' outputs (qkv, projection, the two MLP
+  layers: (5 + mlp_ratio)·D); either way plus one block's worth during its
+  recompute. Tensor parallelism divides the per-head and MLP parts.
   """
   kw = build.model_kwargs(config)
   d, depth, r, heads = kw['hidden_size'], kw['depth'], kw['mlp_ratio'], config.model.num_heads
@@ -161,10 +162,9 @@ def analytic_activation_bytes(config: ml_collections.ConfigDict, per_device_batc
   residual = 8 * t * d
   split = (e * (7 + 2 * r) * t * d + heads * t * t * (4 + e)) / tensor  # logits in float32
   block = residual + split
-  if config.model.remat:
-    total = depth * 4 * t * d + block
-  else:
-    total = depth * block
+  kept = {'none': block, 'full': 4 * t * d, 'save_dots': 4 * t * d + e * (5 + r) * t * d / tensor}
+  policy = config.model.remat_policy
+  total = depth * kept[policy] + (block if policy != 'none' else 0)
   return int(total * per_device_batch)
 
 
@@ -205,9 +205,13 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
   flops, source = analytic, 'analytic'
   abatch = abstract_batch(config, batch)
   if lower:
-    # Unpartitioned: the FLOPs of the whole global step, whatever the mesh.
+    # Unpartitioned: the FLOPs of the whole global step, whatever the mesh. XLA
+    # counts a loop's body once, so the count is of the trunk's scan unrolled.
+    counted = config.copy_and_resolve_references()
+    counted.model.scan_unroll = max(1, int(config.model.depth))
+    _, _, counted_step = _abstract_state(counted, abstract_mesh)
     bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    cost = jax.jit(step).lower(bare, abatch).cost_analysis()
+    cost = jax.jit(counted_step).lower(bare, abatch).cost_analysis()
     if train_state.step_flops(cost):
       flops, source = train_state.step_flops(cost, accum), 'lowered'
 
@@ -285,6 +289,6 @@ def format_plan(p: Plan) -> str:
     lines.append(f'device memory {_size(p.device_memory_bytes)}: {verdict} ({what} is '
                  f'{100 * used:.0f}%)')
     if not p.fits:
-      lines.append('  to fit: model.remat=True, a larger mesh.fsdp, or '
+      lines.append("  to fit: model.remat_policy='save_dots' or 'full', a larger mesh.fsdp, or "
                    'optim.grad_accum_steps > 1 (smaller micro-batches)')
   return '\n'.join(lines)

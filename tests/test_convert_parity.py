@@ -1,4 +1,7 @@
-"""Parity with the official MMGen SiT (tiny vectors) and the released SiT-XL/2 layout."""
+"""Parity with the official MMGen SiT (tiny vectors) and the released SiT-XL/2 layout.
+
+Every test that builds a model runs with the trunk stacked (`scan_layers`) and per block.
+"""
 
 import os
 
@@ -26,8 +29,11 @@ def state_dict(vectors):
   return {k[len('params/'):]: v for k, v in vectors.items() if k.startswith('params/')}
 
 
-def _tiny_model(abstract=False):
-  kwargs = build.mmgen_sit_kwargs(**TINY)
+LAYOUTS = pytest.mark.parametrize('scan_layers', [True, False], ids=['scanned', 'per_block'])
+
+
+def _tiny_model(abstract=False, scan_layers=True):
+  kwargs = build.mmgen_sit_kwargs(**TINY, scan_layers=scan_layers)
   with nnx.use_eager_sharding(False):
     init = lambda: dit.MMDiT(**kwargs, rngs=nnx.Rngs(0))
     return nnx.eval_shape(init) if abstract else nnx.jit(init)()
@@ -38,9 +44,9 @@ def _forward(model, x, t, y, task):
   return model(x, t, y, task)
 
 
-@pytest.fixture(scope='module')
-def converted(state_dict):
-  model = _tiny_model()
+@pytest.fixture(scope='module', params=[True, False], ids=['scanned', 'per_block'])
+def converted(request, state_dict):
+  model = _tiny_model(scan_layers=request.param)
   convert.load_mmgen_state_dict(model, state_dict)
   return model
 
@@ -91,8 +97,9 @@ def test_pos_embed_matches_official_table(converted, vectors):
   np.testing.assert_allclose(converted.pos_embed(), vectors['params/pos_embed'][0], atol=1e-7)
 
 
-def test_conversion_errors_name_the_key(state_dict):
-  model = _tiny_model(abstract=True)
+@LAYOUTS
+def test_conversion_errors_name_the_key(state_dict, scan_layers):
+  model = _tiny_model(abstract=True, scan_layers=scan_layers)
   bad = dict(state_dict)
   bad['blocks.0.mlp.fc1.weight'] = bad['blocks.0.mlp.fc1.weight'][:, :32]
   del bad['taskcond_embedder.embedding_table.weight']
@@ -100,7 +107,8 @@ def test_conversion_errors_name_the_key(state_dict):
   with pytest.raises(ValueError) as e:
     convert.convert_mmgen_state_dict(bad, model)
   msg = str(e.value)
-  assert 'blocks.0.mlp.fc1.weight: torch shape (256, 32)' in msg and '(64, 256)' in msg
+  target = 'blocks.mlp.fc1.kernel[0]' if scan_layers else 'blocks.0.mlp.fc1.kernel'
+  assert f'blocks.0.mlp.fc1.weight: torch shape (256, 32) -> (32, 256), but {target} expects (64, 256)' in msg
   assert "absent from the state dict: ['taskcond_embedder.embedding_table.weight']" in msg
   assert "['blocks.9.attn.qkv.weight']" in msg
 
@@ -138,16 +146,19 @@ def _xl2_manifest(parity_dir):
   return shapes, total
 
 
-def test_xl2_manifest_maps_one_to_one(parity_dir):
+@LAYOUTS
+def test_xl2_manifest_maps_one_to_one(parity_dir, scan_layers):
   shapes, total = _xl2_manifest(parity_dir)
   assert len(shapes) == 315
   with nnx.use_eager_sharding(False):
     model = nnx.eval_shape(lambda: dit.MMDiT(**build.model_config_for_mmgen_xl2(),
-                                             rngs=nnx.Rngs(0)))
+                                             scan_layers=scan_layers, rngs=nnx.Rngs(0)))
   rules = convert.plan_conversion(model, shapes)  # raises on any mismatch
   assert sorted(rules) == sorted(set(shapes) - {'pos_embed'})
-  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  assert sorted(r.path for r in rules.values()) == sorted(params)  # one key per parameter
+  targets = [r.target for r in rules.values()]
+  assert sorted(targets) == sorted(convert.parameter_targets(model))  # one key per parameter
+  assert len(targets) == 314 and len(nnx.to_flat_state(nnx.state(model, nnx.Param))) == (
+      314 - 27 * 10 if scan_layers else 314)  # stacked: 10 block parameters of 28 rows each
 
   trainable = dit.count_params(model)
   pos = int(np.prod(shapes['pos_embed']))
@@ -155,19 +166,20 @@ def test_xl2_manifest_maps_one_to_one(parity_dir):
   assert trainable == sum(int(np.prod(s)) for k, s in shapes.items() if k != 'pos_embed')
 
 
+@LAYOUTS
 @pytest.mark.parametrize('overrides', [
     dict(qk_norm=True),                                    # timm q_norm / k_norm
     dict(num_modalities=1, repa_encoder_depth=0, repa_z_dims=()),  # plain SiT: `final_layer`
 ])
-def test_rules_cover_every_parameter_of_variants(overrides):
-  kwargs = build.mmgen_sit_kwargs(**{**TINY, **overrides})
+def test_rules_cover_every_parameter_of_variants(overrides, scan_layers):
+  kwargs = build.mmgen_sit_kwargs(**{**TINY, **overrides}, scan_layers=scan_layers)
   with nnx.use_eager_sharding(False):
     model = nnx.eval_shape(lambda: dit.MMDiT(**kwargs, rngs=nnx.Rngs(0)))
   rules = convert.mmgen_rules(model)
-  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  assert sorted(r.path for r in rules.values()) == sorted(params)
+  assert sorted(r.target for r in rules.values()) == sorted(convert.parameter_targets(model))
   if overrides.get('qk_norm'):
-    assert rules['blocks.1.attn.k_norm.bias'].path == ('blocks', 1, 'attn', 'k_norm', 'bias')
+    assert rules['blocks.1.attn.k_norm.bias'].target == (
+        'blocks.attn.k_norm.bias[1]' if scan_layers else 'blocks.1.attn.k_norm.bias')
   else:
     assert 'final_layer.linear.weight' in rules and 't_embedder.mlp_fused.0.weight' not in rules
 
@@ -180,7 +192,13 @@ def test_cli_converts_a_state_dict_file(tmp_path, state_dict, converted):
                 '--num_classes', '10', '--hidden_size', '64', '--depth', '2', '--num_heads', '4',
                 '--repa_encoder_depth', '1', '--repa_z_dim', '32', '--repa_projector_dim', '64'])
   written = load_file(str(dst))
+  assert 'blocks.mlp.fc1.kernel' in written and written['blocks.mlp.fc1.kernel'].shape[0] == 2
+  # The file is stacked; load_params reads it into either layout.
+  fresh = nnx.clone(converted)
+  nnx.update(fresh, jax.tree.map(lambda p: np.zeros(p.shape, p.dtype),
+                                 nnx.state(fresh, nnx.Param)))
+  convert.load_params(fresh, str(dst))
   ref = nnx.to_flat_state(nnx.state(converted, nnx.Param))
-  assert len(written) == len(ref)
+  got = dict(nnx.to_flat_state(nnx.state(fresh, nnx.Param)))
   for path, var in ref:
-    np.testing.assert_array_equal(written['.'.join(map(str, path))], var.get_value())
+    np.testing.assert_array_equal(got[path].get_value(), var.get_value(), err_msg=str(path))

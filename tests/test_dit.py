@@ -1,6 +1,8 @@
-"""The multi-modal DiT: initialisation, gradients, dtypes, time layouts, sharding, cost."""
+"""The multi-modal DiT: initialisation, gradients, dtypes, time layouts, layouts, remat,
+sharding, cost."""
 
 from flax import nnx
+from flax import traverse_util
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
@@ -8,7 +10,8 @@ import numpy as np
 import pytest
 
 from mmgen_jax import config_schema
-from mmgen_jax.models import build, dit
+from mmgen_jax import config_validation
+from mmgen_jax.models import build, convert, dit
 
 # rgb 3 + depth 1 + normal 3 + segmentation 3, one time slot and one head each.
 SLOTS = (3, 1, 3, 3)
@@ -16,6 +19,7 @@ SMALL = dict(input_size=8, patch_size=2, in_channels=10, image_heads=SLOTS, time
              class_heads=(4,), hidden_size=32, depth=2, num_heads=2, num_classes=4,
              class_dropout_prob=0.1, num_tasks=4, repa_encoder_depth=1, repa_z_dims=(8,),
              repa_projector_dim=16, qk_norm=True)
+LAYOUTS = pytest.mark.parametrize('scan_layers', [True, False], ids=['scanned', 'per_block'])
 TINY_CPU = dict(input_size=32, patch_size=2, in_channels=10, image_heads=SLOTS,
                 time_slots=SLOTS, hidden_size=128, depth=4, num_heads=4, num_classes=4,
                 class_dropout_prob=0.1, num_tasks=4)
@@ -75,8 +79,15 @@ def test_zero_init_outputs_zeros():
   assert float(jnp.abs(out.zs[0]).max()) > 0  # REPA projector is not zero-initialised
 
 
-def test_gradients_reach_every_parameter_and_head():
-  model = random_model()
+def per_block(state):
+  """{path: array} of a Param state, the trunk per block (`blocks`, i, ...) in either layout."""
+  tree = convert.to_layout(nnx.to_pure_dict(state), scan_layers=False)
+  return traverse_util.flatten_dict(tree)
+
+
+@LAYOUTS
+def test_gradients_reach_every_parameter_and_head(scan_layers):
+  model = random_model(scan_layers=scan_layers)
   x, t, y, task = inputs(n=5)  # covers every class and task row
 
   def loss(m, head_weights):
@@ -89,17 +100,16 @@ def test_gradients_reach_every_parameter_and_head():
   grads = grad_fn(model, jnp.ones(num_outputs))
   # k_norm's bias adds q·b to every logit of a row, which softmax ignores: no gradient.
   no_grad = lambda path: path[-2:] == ('k_norm', 'bias')
-  for path, g in nnx.to_flat_state(grads):
+  for path, g in per_block(grads).items():
     if no_grad(path):
       continue
-    assert float(jnp.abs(g.get_value()).max()) > 0, f'no gradient reaches {path}'
+    assert float(jnp.abs(g).max()) > 0, f'no gradient reaches {path}'
   # Each output alone reaches its own head and the trunk below it (REPA reads block 0).
   heads = [('final_layers', m) for m in range(len(SLOTS))] + [('class_heads', 0),
                                                                ('projectors', 0)]
   for i, head in enumerate(heads):
-    g = dict(nnx.to_flat_state(grad_fn(model, jnp.eye(num_outputs)[i])))
-    for path, v in g.items():
-      norm = float(jnp.abs(v.get_value()).max())
+    for path, v in per_block(grad_fn(model, jnp.eye(num_outputs)[i])).items():
+      norm = float(jnp.abs(v).max())
       trunk = path[0] == 'x_embedder' or path[:2] == ('blocks', 0) or (
           path[0] == 'blocks' and head[0] != 'projectors')
       if no_grad(path):
@@ -117,7 +127,8 @@ def test_bf16_compute_is_finite_and_close_to_f32():
   for r, o in zip(ref.images + ref.logits + ref.zs, out.images + out.logits + out.zs):
     assert o.dtype == jnp.float32 and bool(jnp.isfinite(o).all())
     assert float(jnp.abs(o - r).max()) <= 0.05 * float(jnp.abs(r).max())
-  assert bf16.blocks[0].mlp.fc1.kernel.get_value().dtype == jnp.float32  # params stay f32
+  params = jax.tree.leaves(nnx.state(bf16, nnx.Param))
+  assert {p.dtype for p in params} == {jnp.dtype(jnp.float32)}  # params stay f32
 
 
 @nnx.jit
@@ -157,10 +168,11 @@ def test_single_time_slot_model():
     forward(model, x, t, y, jnp.array([0, 1]))
 
 
-def test_every_param_has_logical_axes_from_the_rules():
+@LAYOUTS
+def test_every_param_has_logical_axes_from_the_rules(scan_layers):
   config = config_schema.base_config()
   rules = dict(config.sharding_rules)
-  model = _abstract(SMALL)
+  model = _abstract({**SMALL, 'scan_layers': scan_layers})
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     names = var.get_metadata().get('out_sharding')
     shape = var.get_value().shape
@@ -168,14 +180,21 @@ def test_every_param_has_logical_axes_from_the_rules():
     assert all(n is None or n in rules for n in names), f'{path}: {names} not in {sorted(rules)}'
     mesh_axes = [a for n in names if n is not None for a in np.atleast_1d(rules[n]) if a]
     assert len(mesh_axes) == len(set(mesh_axes)), f'{path}: {names} reuses a mesh axis'
-  qkv = model.blocks[0].attn.qkv_kernel
-  assert qkv.get_metadata()['out_sharding'] == ('embed', None, 'heads', 'kv')
+  if scan_layers:  # one stacked parameter per block parameter, its leading axis unsharded
+    qkv = model.blocks.attn.qkv_kernel
+    assert qkv.get_metadata()['out_sharding'] == ('layers', 'embed', None, 'heads', 'kv')
+    assert qkv.get_value().shape == (2, 32, 3, 2, 16) and rules['layers'] is None
+  else:
+    qkv = model.blocks[0].attn.qkv_kernel
+    assert qkv.get_metadata()['out_sharding'] == ('embed', None, 'heads', 'kv')
 
 
-def test_sharded_build_and_forward_match_unsharded():
+@LAYOUTS
+def test_sharded_build_and_forward_match_unsharded(scan_layers):
   config = config_schema.base_config()
   config.data.resolution = 8
   config.model.hidden_size, config.model.depth, config.model.num_heads = 32, 2, 2
+  config.model.scan_layers = scan_layers
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
   mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(AxisType.Auto,) * 3)
   with jax.set_mesh(mesh):
@@ -184,8 +203,9 @@ def test_sharded_build_and_forward_match_unsharded():
   def spec(var):  # jit drops trailing Nones from specs
     value = var.get_value()
     return tuple(value.sharding.spec) + (None,) * (value.ndim - len(value.sharding.spec))
-  assert spec(sharded.blocks[0].attn.qkv_kernel) == ('fsdp', None, 'tensor', None)
-  assert spec(sharded.blocks[0].mlp.fc2.kernel) == ('tensor', 'fsdp')
+  block, layer = (sharded.blocks, (None,)) if scan_layers else (sharded.blocks[0], ())
+  assert spec(block.attn.qkv_kernel) == (*layer, 'fsdp', None, 'tensor', None)
+  assert spec(block.mlp.fc2.kernel) == (*layer, 'tensor', 'fsdp')
   perturb(plain)
   values = dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))
   nnx.update(sharded, nnx.from_flat_state([
@@ -238,16 +258,76 @@ def test_model_kwargs_follow_the_config():
     build.model_kwargs(c)
 
 
+# ---- layouts and remat ---------------------------------------------------------
+
+
+@pytest.mark.parametrize('repa_encoder_depth', [2, 3], ids=['repa_mid', 'repa_last'])
+def test_scanned_and_per_block_models_agree(repa_encoder_depth):
+  """The same parameters in both layouts give the same outputs and intermediates."""
+  kw = dict(depth=3, repa_encoder_depth=repa_encoder_depth)
+  flat = random_model(scan_layers=False, **kw)
+  stacked = _abstract({**SMALL, **kw, 'scan_layers': True})
+  values = convert.to_layout(nnx.to_pure_dict(nnx.state(flat, nnx.Param)), scan_layers=True)
+  state = nnx.state(stacked, nnx.Param)
+  nnx.replace_by_pure_dict(state, values)
+  nnx.update(stacked, state)
+  assert stacked.blocks.mlp.fc1.kernel.get_value().shape == (3, 32, 128)
+
+  run = nnx.jit(lambda m, *a: m(*a, return_intermediates=True))
+  ref, out = run(flat, *inputs()), run(stacked, *inputs())
+  assert sorted(out.intermediates) == sorted(ref.intermediates)
+  assert {'blocks.0', 'blocks.1', 'blocks.2', 'zs.0'} <= set(out.intermediates)
+  pairs = [*zip(ref.images + ref.logits + ref.zs, out.images + out.logits + out.zs, strict=True),
+           *((ref.intermediates[k], out.intermediates[k]) for k in ref.intermediates)]
+  for r, o in pairs:  # the same math; XLA may fuse the loop body differently
+    np.testing.assert_allclose(o, r, rtol=0, atol=1e-6 * float(jnp.abs(r).max()))
+
+
+def _remat_policies(model, loss):
+  """Policy of every rematerialised region of the forward pass, scan bodies included."""
+  graphdef, state = nnx.split(model)
+  found = []
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if {'policy', 'prevent_cse'} <= set(eqn.params):  # jax.checkpoint's primitive
+        found.append(eqn.params['policy'])
+      for v in eqn.params.values():
+        if isinstance(v, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+          walk(getattr(v, 'jaxpr', v))
+  walk(jax.make_jaxpr(lambda s: loss(nnx.merge(graphdef, s)))(state).jaxpr)
+  return found
+
+
 @pytest.mark.slow
-def test_remat_gives_the_same_gradients():
-  plain, remat = random_model(), random_model(remat=True)
+@LAYOUTS
+def test_remat_policies_give_the_same_gradients(scan_layers):
   args = inputs()
-  grad_fn = nnx.jit(nnx.grad(lambda m: jnp.mean(m(*args).images[0] ** 2)))
-  g1 = jax.tree.leaves(grad_fn(plain))
-  g2 = jax.tree.leaves(grad_fn(remat))
-  scale = max(float(jnp.abs(g).max()) for g in g1)
-  for a, b in zip(g1, g2):  # same math, possibly fused differently
-    assert float(jnp.abs(a - b).max()) <= 1e-5 * scale
+  def loss(m):
+    out = m(*args)
+    return sum(jnp.mean(o ** 2) for o in out.images + out.zs)
+
+  grads = {}
+  for name, policy in dit.REMAT_POLICIES.items():
+    model = random_model(scan_layers=scan_layers, remat_policy=name)
+    # Each block (per block: SMALL's 2; stacked: one loop body per REPA segment) is
+    # rematerialised with the policy asked for, or not at all.
+    assert _remat_policies(model, loss) == ([] if policy is None else [policy] * 2)
+    grads[name] = jax.tree.leaves(nnx.jit(nnx.grad(loss))(model))
+  scale = max(float(jnp.abs(g).max()) for g in grads['none'])
+  for name in ('full', 'save_dots'):
+    for a, b in zip(grads['none'], grads[name], strict=True):  # same math, fused differently
+      assert float(jnp.abs(a - b).max()) <= 1e-5 * scale, name
+
+
+def test_a_bad_remat_policy_names_the_valid_ones():
+  with pytest.raises(ValueError, match=r"remat_policy='some' is not one of \['none', 'full', "
+                                       r"'save_dots'\]"):
+    _abstract({**SMALL, 'remat_policy': 'some'})
+  config = config_schema.base_config()
+  config.model.remat_policy = 'some'
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"config.model.remat_policy='some' is not one of"):
+    config_validation.validate(config, num_devices=1, num_processes=1)
 
 
 # ---- parameter counts and FLOPs ------------------------------------------------
@@ -255,7 +335,9 @@ def test_remat_gives_the_same_gradients():
 
 def _train_step_lowered(kwargs, batch):
   """jit(grad of a loss over every output) lowered on abstract inputs: nothing is allocated."""
-  graphdef, params, rest = nnx.split(_abstract(kwargs), nnx.Param, ...)
+  # XLA counts a loop's body once: the scanned trunk is unrolled for the count.
+  graphdef, params, rest = nnx.split(_abstract({**kwargs, 'scan_unroll': kwargs['depth']}),
+                                     nnx.Param, ...)
 
   def loss(params, rest, x, t, y):
     out = nnx.merge(graphdef, params, rest)(x, t, y)
@@ -273,7 +355,7 @@ def _matmul_estimate(kwargs, batch):
   model = _abstract(kwargs)
   tokens = (kwargs['input_size'] // kwargs['patch_size']) ** 2
   weights = [model.x_embedder.proj.kernel] + [f.linear.kernel for f in model.final_layers]
-  for b in model.blocks:
+  for b in [model.blocks] if model.scan_layers else model.blocks:  # stacked: all at once
     weights += [b.attn.qkv_kernel, b.attn.proj_kernel, b.mlp.fc1.kernel, b.mlp.fc2.kernel]
   for p in model.projectors:
     weights += [p.fc1.kernel, p.fc2.kernel, p.fc3.kernel]

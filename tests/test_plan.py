@@ -87,9 +87,9 @@ def test_fsdp_divides_the_state_but_not_the_parameter_count():
 
 
 def test_remat_shrinks_the_activation_estimate():
-  full = plan.analytic_activation_bytes(tiny(), per_device_batch=4)
-  remat = plan.analytic_activation_bytes(tiny(remat=True), per_device_batch=4)
-  assert remat < full / 2
+  kept = {policy: plan.analytic_activation_bytes(tiny(remat_policy=policy), per_device_batch=4)
+          for policy in ('none', 'save_dots', 'full')}
+  assert kept['full'] < kept['save_dots'] < kept['none'] and kept['full'] < kept['none'] / 2
 
 
 def test_report_names_every_figure(tiny_plan):
@@ -117,7 +117,7 @@ def test_xl2_on_a_v5p_32_analytic():
   small = dataclasses.replace(p, device_memory_bytes=2 * 2 ** 30)
   assert small.fits is False
   text = plan.format_plan(small)
-  assert 'does NOT fit' in text and 'model.remat=True' in text
+  assert 'does NOT fit' in text and "model.remat_policy='save_dots'" in text
 
 
 @pytest.mark.slow

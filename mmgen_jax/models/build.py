@@ -66,7 +66,8 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
       num_classes=int(config.data.num_classes),
       class_dropout_prob=float(m.class_dropout_prob),
       repa_encoder_depth=repa, repa_z_dims=(int(m.repa_z_dim),) if repa else (),
-      repa_projector_dim=int(m.repa_projector_dim), remat=bool(m.remat),
+      repa_projector_dim=int(m.repa_projector_dim), scan_layers=bool(m.scan_layers),
+      scan_unroll=int(m.scan_unroll), remat_policy=str(m.remat_policy),
       dtype=_dtype(m.dtype, 'dtype'), param_dtype=_dtype(m.param_dtype, 'param_dtype'))
 
 

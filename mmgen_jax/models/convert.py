@@ -9,6 +9,12 @@ unmapped key, unfilled parameter or shape mismatch is an error naming it.
 `pos_embed` is fixed in `MMDiT` (not a parameter); it is checked against the
 table the model computes.
 
+Both layouts of the trunk are served: per block (`blocks.{i}.…` -> NNX
+`blocks/{i}/…`) and stacked (`model.scan_layers`: `blocks.{i}.…` -> row i of
+NNX `blocks/…`, whose leading axis is the layer). `to_layout` moves any tree of
+parameters (a model's state, a train state with its EMA and optimizer
+moments, abstract shapes with shardings) from one layout to the other.
+
 CLI (the released SiT-XL/2 checkpoint -> flat safetensors keyed by NNX path):
 
   python -m mmgen_jax.models.convert --checkpoint 0600000.pt --out params.safetensors
@@ -21,7 +27,9 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from flax import nnx
+from flax import traverse_util
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mmgen_jax.models import dit
@@ -31,9 +39,15 @@ Array = Any  # numpy array, jax.Array or jax.ShapeDtypeStruct
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """One torch key -> one NNX parameter path, with the layout transform."""
+  """One torch key -> one NNX parameter path (row `layer` of it if stacked), with the transform."""
   path: tuple[str | int, ...]
   transform: Callable[[Array], Array]
+  layer: int | None = None
+
+  @property
+  def target(self) -> str:
+    name = '.'.join(map(str, self.path))
+    return name if self.layer is None else f'{name}[{self.layer}]'
 
 
 def _identity(w):
@@ -51,9 +65,9 @@ def mmgen_rules(model: dit.MMDiT) -> dict[str, Rule]:
                      'class_heads=() to convert one.')
   rules: dict[str, Rule] = {}
 
-  def linear(torch_name: str, path: tuple[str | int, ...]) -> None:
-    rules[f'{torch_name}.weight'] = Rule((*path, 'kernel'), _linear_t)
-    rules[f'{torch_name}.bias'] = Rule((*path, 'bias'), _identity)
+  def linear(torch_name: str, path: tuple[str | int, ...], layer: int | None = None) -> None:
+    rules[f'{torch_name}.weight'] = Rule((*path, 'kernel'), _linear_t, layer)
+    rules[f'{torch_name}.bias'] = Rule((*path, 'bias'), _identity, layer)
 
   p, c, d = model.patch_size, model.in_channels, model.hidden_size
   rules['x_embedder.proj.weight'] = Rule(
@@ -72,23 +86,26 @@ def mmgen_rules(model: dit.MMDiT) -> dict[str, Rule]:
     rules['taskcond_embedder.embedding_table.weight'] = Rule(
         ('task_embedder', 'embedding_table', 'embedding'), _identity)
 
-  for i, block in enumerate(model.blocks):
-    t, b = f'blocks.{i}', ('blocks', i)
-    heads, hd = block.attn.num_heads, block.attn.head_dim
+  attn = (model.blocks if model.scan_layers else model.blocks[0]).attn
+  heads, hd = attn.num_heads, attn.head_dim
+  for i in range(model.depth):
+    t = f'blocks.{i}'
+    # Stacked: every block's key fills row i of one parameter.
+    b, layer = (('blocks',), i) if model.scan_layers else (('blocks', i), None)
     rules[f'{t}.attn.qkv.weight'] = Rule(
-        (*b, 'attn', 'qkv_kernel'), lambda w, h=heads, k=hd: w.T.reshape(w.shape[1], 3, h, k))
+        (*b, 'attn', 'qkv_kernel'), lambda w: w.T.reshape(w.shape[1], 3, heads, hd), layer)
     rules[f'{t}.attn.qkv.bias'] = Rule(
-        (*b, 'attn', 'qkv_bias'), lambda w, h=heads, k=hd: w.reshape(3, h, k))
+        (*b, 'attn', 'qkv_bias'), lambda w: w.reshape(3, heads, hd), layer)
     rules[f'{t}.attn.proj.weight'] = Rule(
-        (*b, 'attn', 'proj_kernel'), lambda w, h=heads, k=hd: w.T.reshape(h, k, w.shape[0]))
-    rules[f'{t}.attn.proj.bias'] = Rule((*b, 'attn', 'proj_bias'), _identity)
-    if block.attn.qk_norm:
+        (*b, 'attn', 'proj_kernel'), lambda w: w.T.reshape(heads, hd, w.shape[0]), layer)
+    rules[f'{t}.attn.proj.bias'] = Rule((*b, 'attn', 'proj_bias'), _identity, layer)
+    if attn.qk_norm:
       for norm in ('q_norm', 'k_norm'):
-        rules[f'{t}.attn.{norm}.weight'] = Rule((*b, 'attn', norm, 'scale'), _identity)
-        rules[f'{t}.attn.{norm}.bias'] = Rule((*b, 'attn', norm, 'bias'), _identity)
-    linear(f'{t}.mlp.fc1', (*b, 'mlp', 'fc1'))
-    linear(f'{t}.mlp.fc2', (*b, 'mlp', 'fc2'))
-    linear(f'{t}.adaLN_modulation.1', (*b, 'adaln_modulation'))
+        rules[f'{t}.attn.{norm}.weight'] = Rule((*b, 'attn', norm, 'scale'), _identity, layer)
+        rules[f'{t}.attn.{norm}.bias'] = Rule((*b, 'attn', norm, 'bias'), _identity, layer)
+    linear(f'{t}.mlp.fc1', (*b, 'mlp', 'fc1'), layer)
+    linear(f'{t}.mlp.fc2', (*b, 'mlp', 'fc2'), layer)
+    linear(f'{t}.adaLN_modulation.1', (*b, 'adaln_modulation'), layer)
 
   for j in range(len(model.projectors)):
     for torch_idx, name in ((0, 'fc1'), (2, 'fc2'), (4, 'fc3')):
@@ -106,6 +123,18 @@ def mmgen_rules(model: dit.MMDiT) -> dict[str, Rule]:
 FIXED_KEYS = ('pos_embed',)  # buffers-in-disguise: checked, not loaded
 
 
+def parameter_targets(model: dit.MMDiT) -> list[str]:
+  """Every parameter of `model` a key must fill (`Rule.target` names; stacked: one per row)."""
+  out = []
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name = '.'.join(map(str, path))
+    if model.scan_layers and path[0] == 'blocks':
+      out += [f'{name}[{i}]' for i in range(var.get_value().shape[0])]
+    else:
+      out.append(name)
+  return out
+
+
 def plan_conversion(model: dit.MMDiT, shapes: Mapping[str, tuple[int, ...]]
                     ) -> dict[str, Rule]:
   """Checks keys and shapes (torch layout) against `model`; returns the rules to apply.
@@ -120,22 +149,22 @@ def plan_conversion(model: dit.MMDiT, shapes: Mapping[str, tuple[int, ...]]
   unknown = sorted(set(shapes) - set(rules) - set(FIXED_KEYS))
   if unknown:
     problems.append(f'{len(unknown)} key(s) map to no parameter of the model: {unknown}')
-  targets = [r.path for r in rules.values()]
+  targets = [r.target for r in rules.values()]
   if len(set(targets)) != len(targets):
     problems.append('internal error: two keys map to the same parameter')
   missing = sorted(k for k in rules if k not in shapes)
   if missing:
     problems.append(f'{len(missing)} parameter key(s) absent from the state dict: {missing}')
-  unfilled = sorted('.'.join(map(str, p)) for p in set(params) - set(targets))
+  unfilled = sorted(set(parameter_targets(model)) - set(targets))
   if unfilled:
     problems.append(f'{len(unfilled)} model parameter(s) no key maps to: {unfilled}')
   for key, rule in rules.items():
     if key not in shapes:
       continue
     if rule.path not in params:
-      problems.append(f'{key}: target {".".join(map(str, rule.path))} is not a model parameter')
+      problems.append(f'{key}: target {rule.target} is not a model parameter')
       continue
-    want = tuple(params[rule.path].get_value().shape)
+    want = tuple(params[rule.path].get_value().shape)[rule.layer is not None:]
     try:
       got = jax.eval_shape(rule.transform, jax.ShapeDtypeStruct(tuple(shapes[key]), np.float32))
       got = tuple(got.shape)
@@ -143,7 +172,7 @@ def plan_conversion(model: dit.MMDiT, shapes: Mapping[str, tuple[int, ...]]
       got = f'untransformable ({e})'
     if got != want:
       problems.append(f'{key}: torch shape {tuple(shapes[key])} -> {got}, but '
-                      f'{".".join(map(str, rule.path))} expects {want}')
+                      f'{rule.target} expects {want}')
   if 'pos_embed' in shapes:
     want = (1, model.grid_size ** 2, model.hidden_size)
     if tuple(shapes['pos_embed']) != want:
@@ -168,14 +197,17 @@ def convert_mmgen_state_dict(state_dict: Mapping[str, np.ndarray], model: dit.MM
     if err > pos_embed_atol:
       raise ValueError(f'pos_embed differs from the fixed sin-cos table by {err:.3g} '
                        f'(> {pos_embed_atol}); the checkpoint uses another position layout.')
-  state = nnx.state(model, nnx.Param)
-  flat = dict(nnx.to_flat_state(state))
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  values = {}
   for key, rule in rules.items():
-    var = flat[rule.path]
+    like = flat[rule.path].get_value()
     # Contiguous copy: transposed views would be written wrongly by some savers.
-    value = np.ascontiguousarray(rule.transform(state_dict[key]), dtype=var.get_value().dtype)
-    flat[rule.path] = var.replace(value)
-  return nnx.from_flat_state(flat)
+    value = np.ascontiguousarray(rule.transform(state_dict[key]), dtype=like.dtype)
+    if rule.layer is None:
+      values[rule.path] = value
+    else:
+      values.setdefault(rule.path, np.empty(like.shape, like.dtype))[rule.layer] = value
+  return nnx.from_flat_state({p: var.replace(values[p]) for p, var in flat.items()})
 
 
 def load_mmgen_state_dict(model: dit.MMDiT, state_dict: Mapping[str, np.ndarray]) -> None:
@@ -189,6 +221,77 @@ def _placed_like(current: nnx.State, new: nnx.State) -> nnx.State:
     sharding = getattr(old, 'sharding', None)
     return jax.device_put(value, sharding) if sharding is not None else jax.numpy.asarray(value)
   return jax.tree.map(place, current, new)
+
+
+# ---- per-block <-> stacked ------------------------------------------------------
+
+
+def to_layout(tree: Any, scan_layers: bool) -> Any:
+  """`tree` with the trunk's blocks stacked (scan_layers) or per block.
+
+  Every dict holding a 'blocks' entry is a trunk (nested dicts as
+  `nnx.to_pure_dict` gives; a TrainState's params, EMA and optimizer moments
+  alike). Per block, 'blocks' maps 0, 1, ... to one block's parameters; stacked,
+  it is one block's structure whose leaves have a leading layer axis. Leaves
+  may be numpy or jax arrays, or `jax.ShapeDtypeStruct`s (their sharding gets
+  or loses a leading replicated axis). A tree already in the layout is returned
+  as it is.
+  """
+  def convert(node):
+    if not (isinstance(node, dict) and 'blocks' in node):
+      return node
+    blocks = node['blocks']
+    if scan_layers and is_per_block(blocks):
+      layers = [blocks[k] for k in sorted(blocks, key=int)]
+      blocks = jax.tree.map(_stack_leaves, *layers)
+    elif not scan_layers and not is_per_block(blocks):
+      depth = jax.tree.leaves(blocks)[0].shape[0]
+      blocks = {i: jax.tree.map(lambda x, i=i: _layer_of(x, i), blocks) for i in range(depth)}
+    return {**node, 'blocks': blocks}
+  return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, dict) and 'blocks' in x)
+
+
+def is_per_block(blocks: Mapping[Any, Any]) -> bool:
+  """Whether a 'blocks' entry maps block indices (0, 1, ... or '0', '1', ...) to blocks."""
+  return all(str(k).isdigit() for k in blocks)
+
+
+def scan_layers_of(tree: Any) -> bool | None:
+  """The layout of the first trunk in a tree of nested mappings (None: no trunk)."""
+  if not isinstance(tree, Mapping):
+    return None
+  if isinstance(tree.get('blocks'), Mapping):
+    return not is_per_block(tree['blocks'])
+  for value in tree.values():
+    found = scan_layers_of(value)
+    if found is not None:
+      return found
+  return None
+
+
+def _stack_leaves(*leaves):
+  first = leaves[0]
+  if isinstance(first, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype,
+                                sharding=_with_spec(first.sharding, lambda s: (None, *s)))
+  if isinstance(first, np.ndarray):
+    return np.stack(leaves)
+  return jnp.stack(leaves)
+
+
+def _layer_of(leaf, i: int):
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype,
+                                sharding=_with_spec(leaf.sharding, lambda s: s[1:]))
+  return leaf[i]
+
+
+def _with_spec(sharding, edit):
+  """A NamedSharding with its PartitionSpec edited; other shardings as they are."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+      *edit(tuple(sharding.spec))))
 
 
 # ---- files ---------------------------------------------------------------------
@@ -248,10 +351,11 @@ def _save_state(path: str, state: nnx.State) -> int:
 
 
 def load_params(model: nnx.Module, path: str) -> None:
-  """Reads a `save_params` file into `model` (exact key and shape match required)."""
+  """Reads a `save_params` file of either trunk layout into `model` (keys and shapes must match)."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  stored = load_file(path)
   current = nnx.state(model, nnx.Param)
+  stored = _by_name(to_layout(_from_names(load_file(path)),
+                              scan_layers_of(nnx.to_pure_dict(current))))
   flat = dict(nnx.to_flat_state(current))
   names = {'.'.join(map(str, p)): p for p in flat}
   extra, missing = sorted(set(stored) - set(names)), sorted(set(names) - set(stored))
@@ -263,6 +367,16 @@ def load_params(model: nnx.Module, path: str) -> None:
   for name, p in names.items():
     flat[p] = flat[p].replace(stored[name].astype(flat[p].get_value().dtype))
   nnx.update(model, _placed_like(current, nnx.from_flat_state(flat)))
+
+
+def _from_names(flat: Mapping[str, np.ndarray]) -> dict[Any, Any]:
+  """'blocks.0.mlp.fc1.kernel' keys -> nested dicts, integer parts as int keys (like NNX)."""
+  split = lambda name: tuple(int(p) if p.isdigit() else p for p in name.split('.'))
+  return traverse_util.unflatten_dict({split(k): v for k, v in flat.items()})
+
+
+def _by_name(tree: Mapping[Any, Any]) -> dict[str, np.ndarray]:
+  return {'.'.join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,13 @@ Blocks are named after the DiT paper (`modulate`, `TimestepEmbedder`,
 rescaled. Label dropout for classifier-free guidance is done by the objective
 (it replaces y by the null id `num_classes`), so the forward pass is
 deterministic.
+
+The trunk's blocks are one stacked `DiTBlock` whose parameters have a leading
+'layers' axis, applied with `nnx.scan` (`scan_layers=True`: compile time does
+not grow with depth), or a list of blocks applied one after the other
+(`scan_layers=False`, the official per-block layout); `models/convert.py`
+moves parameters between the two. `remat_policy` says what the backward pass
+recomputes (`REMAT_POLICIES`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,20 @@ from mmgen_jax.models import layers
 from mmgen_jax.models.layers import Numerics, dense, layer_norm, modulate
 
 FREQUENCY_DIM = 256  # sinusoid features per time, as in DiT
+LAYERS_AXIS = 'layers'  # logical name of the stacked blocks' leading axis
+
+# What each block keeps for the backward pass; the rest is recomputed.
+#   none: everything (fastest, most memory);
+#   full: only the block's input, the whole block is recomputed;
+#   save_dots: the outputs of the weight matmuls (qkv, projection, MLP, adaLN), so
+#     only the cheap parts are recomputed: attention's scores and mix (batched
+#     dots, T² per head), norms, GELU. At 256 tokens and width 1152 the weight
+#     matmuls are ~95% of a block's FLOPs.
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @struct.dataclass
@@ -188,7 +209,8 @@ class MMDiT(nnx.Module):
                class_dropout_prob: float, num_tasks: int = 0, task_embed_init_std: float = 0.02,
                repa_encoder_depth: int = 0,
                repa_z_dims: Sequence[int] = (), repa_projector_dim: int = 2048,
-               remat: bool = False, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               scan_layers: bool = True, scan_unroll: int = 1, remat_policy: str = 'none',
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     """Builds the model.
 
@@ -207,7 +229,12 @@ class MMDiT(nnx.Module):
         init std (MMGen's nn.Embedding: 1).
       repa_encoder_depth: REPA projectors read the output of this block
         (1-based); 0 disables them. repa_z_dims: one projector per z_dim.
-      remat: recompute each block in the backward pass (saves activation memory).
+      scan_layers: the blocks as one stacked module run by `nnx.scan` (True), or
+        as a list `blocks.0`, `blocks.1`, ... run one by one (False).
+      scan_unroll: blocks per scan iteration (`jax.lax.scan`'s unroll); `depth`
+        gives one straight-line program, whose FLOPs XLA counts in full (it
+        counts a loop's body once).
+      remat_policy: what the backward pass recomputes, one of REMAT_POLICIES.
       dtype / param_dtype / precision: compute dtype, storage dtype, matmul precision.
     """
     self.input_size, self.patch_size = input_size, patch_size
@@ -216,9 +243,10 @@ class MMDiT(nnx.Module):
     self.hidden_size, self.depth = hidden_size, depth
     self.num_classes, self.num_tasks = num_classes, num_tasks
     self.repa_encoder_depth = repa_encoder_depth
-    self.remat = remat
+    self.scan_layers, self.scan_unroll = scan_layers, scan_unroll
+    self.remat_policy = remat_policy
     _check_args(input_size, patch_size, in_channels, image_heads, time_slots, hidden_size,
-                depth, num_tasks, repa_encoder_depth, repa_z_dims)
+                depth, num_tasks, repa_encoder_depth, repa_z_dims, scan_unroll, remat_policy)
     numerics = Numerics(dtype=dtype, param_dtype=param_dtype, precision=precision)
     kw = dict(numerics=numerics, rngs=rngs)
 
@@ -227,8 +255,12 @@ class MMDiT(nnx.Module):
     self.y_embedder = LabelEmbedder(num_classes + int(class_dropout_prob > 0), hidden_size, **kw)
     self.task_embedder = (LabelEmbedder(num_tasks + 1, hidden_size, init_std=task_embed_init_std,
                                         **kw) if num_tasks else None)
-    self.blocks = nnx.List([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, **kw)
-                            for _ in range(depth)])
+    make_block = lambda r: DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm,
+                                    numerics=numerics, rngs=r)
+    if scan_layers:
+      self.blocks = _stacked_blocks(make_block, depth, rngs)
+    else:
+      self.blocks = nnx.List([make_block(rngs) for _ in range(depth)])
     self.projectors = nnx.List([
         layers.MlpProjector(hidden_size, repa_projector_dim, z, **kw) for z in repa_z_dims])
     self.final_layers = nnx.List([
@@ -295,11 +327,14 @@ class MMDiT(nnx.Module):
       keep('task_emb', task_emb)
     keep('c', c)
 
+    # REPA reads the output of block k: the trunk runs as blocks [0, k), then [k, depth).
     zs = ()
-    for i, block in enumerate(self.blocks):
-      tokens = _remat_block(block, tokens, c) if self.remat else block(tokens, c)
-      keep(f'blocks.{i}', tokens)
-      if i + 1 == self.repa_encoder_depth:
+    cuts = sorted({0, self.repa_encoder_depth, self.depth})
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+      tokens, outputs = self._run_blocks(lo, hi, tokens, c, keep_outputs=record is not None)
+      for i, out in enumerate(outputs, start=lo):
+        keep(f'blocks.{i}', out)
+      if hi == self.repa_encoder_depth:
         zs = tuple(p(tokens).astype(jnp.float32) for p in self.projectors)
         for j, z in enumerate(zs):
           keep(f'zs.{j}', z)
@@ -312,14 +347,57 @@ class MMDiT(nnx.Module):
     logits = tuple(head(tokens, c) for head in self.class_heads)
     return ModelOutput(images=tuple(images), logits=logits, zs=zs, intermediates=record)
 
+  def _run_blocks(self, lo: int, hi: int, x: jax.Array, c: jax.Array, *, keep_outputs: bool
+                  ) -> tuple[jax.Array, list[jax.Array]]:
+    """Blocks lo, ..., hi-1 applied to x; with keep_outputs also each block's output."""
+    call = _block_call(self.remat_policy, scanned=self.scan_layers)
+    if not self.scan_layers:
+      outputs = []
+      for i in range(lo, hi):
+        x = call(self.blocks[i], x, c)
+        outputs.append(x)
+      return x, outputs if keep_outputs else []
 
-@nnx.remat
-def _remat_block(block: DiTBlock, x: jax.Array, c: jax.Array) -> jax.Array:
-  return block(x, c)
+    def step(block, x, c):
+      x = call(block, x, c)
+      return x, (x if keep_outputs else None)
+
+    stack = self.blocks if (lo, hi) == (0, self.depth) else _layer_range(self.blocks, lo, hi)
+    x, stacked = nnx.scan(step, in_axes=(0, nnx.Carry, None), out_axes=(nnx.Carry, 0),
+                          unroll=self.scan_unroll,
+                          transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})(stack, x, c)
+    return x, list(stacked) if keep_outputs else []
+
+
+def _stacked_blocks(make_block, depth: int, rngs: nnx.Rngs) -> DiTBlock:
+  """`depth` independently initialised blocks as one module, parameters (depth, ...)."""
+  @nnx.split_rngs(splits=depth)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+  def create(rngs):
+    return make_block(rngs)
+  return create(rngs)
+
+
+def _layer_range(stack: DiTBlock, lo: int, hi: int) -> DiTBlock:
+  """The stacked blocks lo, ..., hi-1 (a view for the forward pass; gradients flow back)."""
+  graphdef, state = nnx.split(stack)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[lo:hi], state))
+
+
+def _block_call(remat_policy: str, *, scanned: bool):
+  """block(x, c), recomputed in the backward pass as `remat_policy` says."""
+  call = lambda block, x, c: block(x, c)
+  policy = REMAT_POLICIES[remat_policy]
+  if policy is None:
+    return call
+  # Inside a scan the loop already keeps XLA from merging the recomputation with
+  # the forward pass, so CSE prevention would only cost speed (as in maxtext).
+  return nnx.remat(call, policy=policy, prevent_cse=not scanned)
 
 
 def _check_args(input_size, patch_size, in_channels, image_heads, time_slots, hidden_size,
-                depth, num_tasks, repa_encoder_depth, repa_z_dims) -> None:
+                depth, num_tasks, repa_encoder_depth, repa_z_dims, scan_unroll,
+                remat_policy) -> None:
   if input_size % patch_size:
     raise ValueError(f'input_size={input_size} is not a multiple of patch_size={patch_size}.')
   if sum(time_slots) != in_channels or min(time_slots, default=0) < 1:
@@ -336,6 +414,10 @@ def _check_args(input_size, patch_size, in_channels, image_heads, time_slots, hi
                      f'{tuple(repa_z_dims)}: set both (REPA on) or neither (off).')
   if repa_encoder_depth and not 1 <= repa_encoder_depth <= depth:
     raise ValueError(f'repa_encoder_depth={repa_encoder_depth} must be in [1, depth={depth}].')
+  if scan_unroll < 1:
+    raise ValueError(f'scan_unroll={scan_unroll} must be >= 1 (blocks per scan iteration).')
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f'remat_policy={remat_policy!r} is not one of {list(REMAT_POLICIES)}.')
 
 
 def count_params(model: nnx.Module) -> int:
