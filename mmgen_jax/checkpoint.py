@@ -219,9 +219,10 @@ def _differences(name: str, saved: Any, model: Any) -> list[str]:
   """Leaves of `model` that are missing or shaped differently under saved[name], and extras."""
   if name not in saved:
     return [f'the checkpoint has no {name!r} (it has {sorted(saved)})']
-  def shapes(tree):
+  def shapes(tree):  # by 'a/b/0/c' paths: Orbax's metadata spells list indices as strings
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {f'{name}{jax.tree_util.keystr(path)}': tuple(leaf.shape) for path, leaf in leaves}
+    return {'/'.join([name, *(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)]):
+            tuple(leaf.shape) for path, leaf in leaves}
   have, want = shapes(saved[name]), shapes(model)
   out = [f'{k}: saved {have[k]}, model {want[k]}'
          for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
