@@ -12,7 +12,9 @@ A latest step that cannot be restored while an older one can (damaged or
 missing files) is logged, moved aside to `<workdir>/corrupt_checkpoints/` and
 the older step is used. When no step restores, nothing is moved: that is a
 mismatch between the run and its checkpoints (model size, RNG implementation,
-process count, data pipeline), and the error says so.
+process count, data pipeline), and the error says so. The trunk's layout
+(`model.scan_layers`, blocks stacked or one by one) may differ: the state is
+converted on restore.
 
 `load_weights` reads only the weights and EMA weights of another run's
 checkpoint, to start a new run from them (`config.train.init_from`).
@@ -33,6 +35,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mmgen_jax.models import convert
 
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'
@@ -101,12 +105,18 @@ class Checkpointer:
     return saved
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Any:
-    """Restores `step` onto the shardings of `abstract_state`; positions `data_iter`."""
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    """Restores `step` onto the shardings of `abstract_state`; positions `data_iter`.
+
+    A state saved with the trunk's blocks in the other layout (`model.scan_layers`)
+    is read in its own layout and converted.
+    """
+    saved_layout = convert.scan_layers_of(self._manager.item_metadata(step)['state'])
+    target = _in_layout(abstract_state, saved_layout)
+    items = dict(state=ocp.args.StandardRestore(target))
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return restored['state']
+    return _relaid_out(restored['state'], abstract_state, f'checkpoint step {step}')
 
   def restore_latest(self, abstract_state: Any, data_iter: Any | None
                      ) -> tuple[Any, int] | None:
@@ -188,7 +198,8 @@ def load_weights(source: str | os.PathLike, abstract_state: Any) -> dict[str, An
     saved = checkpointer.metadata(step_dir / 'state').item_metadata.tree
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'{where}: cannot read the saved train state: {type(e).__name__}: {e}') from e
-  target = {name: getattr(abstract_state, name) for name in WEIGHTS}
+  wanted = {name: getattr(abstract_state, name) for name in WEIGHTS}
+  target = _in_layout(wanted, convert.scan_layers_of(saved))
   problems = [p for name in WEIGHTS for p in _differences(name, saved, target[name])]
   if problems:
     shown = '\n'.join(f'  - {p}' for p in problems[:20])
@@ -199,7 +210,24 @@ def load_weights(source: str | os.PathLike, abstract_state: Any) -> dict[str, An
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True))
   logging.info('Initialised the weights and EMA weights from %s.', step_dir)
-  return restored
+  return _relaid_out(restored, wanted, where)
+
+
+def _in_layout(abstract_state: Any, scan_layers: bool | None) -> Any:
+  """`abstract_state` with its trunk in the saved layout (None: as it is)."""
+  return abstract_state if scan_layers is None else convert.to_layout(abstract_state, scan_layers)
+
+
+def _relaid_out(state: Any, abstract_state: Any, what: str) -> Any:
+  """A restored state in the layout and on the shardings of `abstract_state`."""
+  wanted = convert.scan_layers_of(abstract_state)
+  if wanted is None or convert.scan_layers_of(state) == wanted:
+    return state
+  logging.warning('%s holds the trunk\'s blocks %s; converted to this run\'s layout '
+                  '(config.model.scan_layers=%s).', what,
+                  'per block' if wanted else 'stacked', wanted)
+  return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding) if a.sharding else x,
+                      convert.to_layout(state, wanted), abstract_state)
 
 
 def _newest_step_dir(source: str | os.PathLike) -> epath.Path:

@@ -265,3 +265,40 @@ def test_load_weights_round_trips_the_real_model(tmp_path):
   weights = checkpoint.load_weights(str(tmp_path), plan.abstract)
   _assert_same_values(weights['params'], state.params)
   assert 0 in weights['params']['final_layers']
+
+
+@pytest.mark.parametrize('saved_scanned', [False, True],
+                         ids=['per_block_into_scanned', 'scanned_into_per_block'])
+def test_a_checkpoint_restores_into_the_other_trunk_layout(tmp_path, saved_scanned):
+  """model.scan_layers may change between runs: the state (EMA, Adam moments) is converted."""
+  from mmgen_jax import config_schema  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.models import build, convert  # pylint: disable=g-import-not-at-top
+  config = config_schema.base_config()
+  config.data.resolution = 8
+  config.model.update(patch_size=2, hidden_size=32, depth=3, num_heads=2)
+  config.mesh.update(data=1, fsdp=-1)
+  mesh = parallel.make_mesh(config.mesh)
+  tx = ts.make_optimizer(config.optim, ts.make_schedule(config.optim, 10))
+
+  def plan(scan_layers):
+    config.model.scan_layers = scan_layers
+    return ts.plan_train_state(lambda rngs: build.build_model(config, rngs=rngs), tx, mesh,
+                               config.sharding_rules, 0)
+
+  state = plan(saved_scanned).init()
+  state = state.replace(opt_state=jax.tree.map(lambda x: x + 1, state.opt_state))
+  ckpt = checkpoint.Checkpointer(tmp_path, config)
+  ckpt.save(1, state, None, force=True)
+  ckpt.close()
+
+  other = plan(not saved_scanned)
+  restored, step = checkpoint.Checkpointer(tmp_path, config).restore_latest(other.abstract, None)
+  want = convert.to_layout(jax.device_get(state), not saved_scanned)
+  assert step == 1 and convert.scan_layers_of(restored) == (not saved_scanned)
+  assert jax.tree.structure(restored) == jax.tree.structure(want)
+  _assert_same_values(restored, want)
+  for x, a in zip(jax.tree.leaves(restored), jax.tree.leaves(other.abstract), strict=True):
+    assert x.sharding.is_equivalent_to(a.sharding, x.ndim)
+
+  weights = checkpoint.load_weights(str(tmp_path), other.abstract)
+  _assert_same_values(weights, {'params': want.params, 'ema_params': want.ema_params})

@@ -257,15 +257,11 @@ def is_per_block(blocks: Mapping[Any, Any]) -> bool:
 
 
 def scan_layers_of(tree: Any) -> bool | None:
-  """The layout of the first trunk in a tree of nested mappings (None: no trunk)."""
-  if not isinstance(tree, Mapping):
-    return None
-  if isinstance(tree.get('blocks'), Mapping):
-    return not is_per_block(tree['blocks'])
-  for value in tree.values():
-    found = scan_layers_of(value)
-    if found is not None:
-      return found
+  """The trunk layout of any pytree (a state, Orbax metadata): stacked, per block, None (no trunk)."""
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    keys = [getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', None))) for k in path]
+    if 'blocks' in keys[:-1]:
+      return not str(keys[keys.index('blocks') + 1]).isdigit()
   return None
 
 
