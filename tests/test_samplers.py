@@ -205,7 +205,8 @@ def test_real_mmdit_under_jit():
   def understand(model, cond):
     return samplers.sample(model, jax.random.key(0), mods=MODS, shape=(2, 4, 4),
                            y=jnp.array([0, 3]), num_classes=config.data.num_classes,
-                           condition={'rgb': cond}, num_steps=3, cfg_scale=1.5, method='heun')
+                           condition={'rgb': cond}, num_steps=3, cfg_scale=1.5, method='heun',
+                           guidance_high=0.5)  # guided at t = 1/3 only: a branch in the loop
 
   out = understand(model, cond)
   np.testing.assert_array_equal(out['rgb'], cond)

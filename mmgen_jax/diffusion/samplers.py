@@ -157,10 +157,12 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
     """Every state the model sees carries the same condition input."""
     return jnp.where(cond_ch, x_start, x)
 
-  graphdef, state = nnx.split(model)
+  # The model's state goes into every loop and branch as an argument: NNX refuses
+  # Variables holding tracers of an enclosing trace (e.g. inside the model's nnx.scan).
+  graphdef, model_state = nnx.split(model)
 
-  def velocity(x, t, guided: bool):
-    net = nnx.merge(graphdef, state)
+  def velocity(model_state, x, t, guided: bool):
+    net = nnx.merge(graphdef, model_state)
     y_in = jnp.concatenate([y, jnp.full_like(y, num_classes)]) if guided else y
     x_in = jnp.concatenate([x, x]) if guided else x
     t_slots = jnp.where(cond_slots[None, :], t_cond, jnp.full((x_in.shape[0], len(ch)), t))
@@ -177,25 +179,25 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
   guided = guided_times(grid, cfg_scale, guidance_low, guidance_high)
   ts = jnp.asarray(grid, jnp.float32)
 
-  def velocity_at(i, x):
+  def velocity_at(model_state, i, x):
     """v at grid time ts[i]; guided or not as that time lies in the guidance interval."""
     if guided.all() or not guided.any():  # decided now: no branch in the loop
-      return velocity(x, ts[i], bool(guided[0]))
+      return velocity(model_state, x, ts[i], bool(guided[0]))
     return jax.lax.cond(jnp.asarray(guided)[i], functools.partial(velocity, guided=True),
-                        functools.partial(velocity, guided=False), x, ts[i])
+                        functools.partial(velocity, guided=False), model_state, x, ts[i])
 
-  def euler_step(i, x):
-    return hold(x + (ts[i + 1] - ts[i]) * velocity_at(i, x))
+  def euler_step(model_state, i, x):
+    return hold(x + (ts[i + 1] - ts[i]) * velocity_at(model_state, i, x))
 
-  def heun_step(i, x):
+  def heun_step(model_state, i, x):
     dt = ts[i + 1] - ts[i]
-    v = velocity_at(i, x)
-    v_next = velocity_at(i + 1, hold(x + dt * v))
+    v = velocity_at(model_state, i, x)
+    v_next = velocity_at(model_state, i + 1, hold(x + dt * v))
     return hold(x + dt * 0.5 * (v + v_next))
 
-  def sde_step(i, x, noisy: bool = True):
+  def sde_step(model_state, i, x, noisy: bool = True):
     t, dt = ts[i], ts[i + 1] - ts[i]
-    v = velocity_at(i, x)
+    v = velocity_at(model_state, i, x)
     alpha, sigma, d_alpha, d_sigma = paths.coefficients(path, t)
     ratio = alpha / d_alpha
     score = (ratio * v - x) / (sigma * sigma - ratio * d_sigma * sigma)
@@ -205,14 +207,19 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
       x = x + jnp.sqrt(diffusion * jnp.abs(dt)) * step_noise(i)
     return hold(x)
 
+  def loop(step, num, x):
+    """step(model_state, i, x) for i = 0, ..., num - 1."""
+    body = lambda i, carry: (carry[0], step(carry[0], i, carry[1]))
+    return jax.lax.fori_loop(0, num, body, (model_state, x))[1]
+
   if method == 'euler':
-    x = jax.lax.fori_loop(0, num_steps, euler_step, x)
+    x = loop(euler_step, num_steps, x)
   elif method == 'heun':
-    x = jax.lax.fori_loop(0, num_steps - 1, heun_step, x)
-    x = euler_step(num_steps - 1, x)
+    x = loop(heun_step, num_steps - 1, x)
+    x = euler_step(model_state, num_steps - 1, x)
   else:
-    x = jax.lax.fori_loop(0, num_steps - 1, sde_step, x)
-    x = sde_step(num_steps - 1, x, noisy=False)
+    x = loop(sde_step, num_steps - 1, x)
+    x = sde_step(model_state, num_steps - 1, x, noisy=False)
 
   result = dict(zip(names, paths.split_slots(x, ch), strict=True))
   if cond_name is not None:
