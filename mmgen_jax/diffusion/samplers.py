@@ -11,8 +11,9 @@ One call covers MMGen's three uses:
 Read against MMGen's `samplers.py` and `exp_sample.py` (jiepengwang/MMGen):
 
 * The start is one Gaussian draw over every channel; a condition replaces its
-  slot by (1 - t_cond) c + t_cond eps with eps that slot's own draw
-  (exp_sample.py's `--t-blend-start` blend). The model sees the condition slot
+  slot by the path's alpha(t_cond) c + sigma(t_cond) eps with eps that slot's
+  own draw (on the linear path (1 - t_cond) c + t_cond eps, exp_sample.py's
+  `--t-blend-start` blend, which it uses on every path). The model sees the condition slot
   at time t_cond with task index m + 1 at every call, and the slot never moves
   (MMGen's euler_maruyama_sampler keeps its time at t_blend_start, a zero
   step); the returned dict holds the clean condition. MMGen's euler_sampler has
@@ -67,7 +68,10 @@ def num_function_evals(num_steps: int, method: str) -> int:
 
 
 def time_grid(num_steps: int, method: str, t_max: float = 1.0) -> np.ndarray:
-  """The decreasing times visited (float64), num_steps + 1 of them, ending at 0."""
+  """The decreasing times visited, num_steps + 1 of them, ending at 0.
+
+  float64 as MMGen's grids, since the guidance interval is tested on them.
+  """
   if method == 'euler_maruyama':
     return np.concatenate([np.linspace(t_max, SDE_LAST_T, num_steps), [0.0]])
   return np.linspace(t_max, 0.0, num_steps + 1)
@@ -99,8 +103,10 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
 
   shape: (N, H, W) in model space; channels: model-space channels per image
   modality in slot order (default: pixel channels from `mods`); y: (N,) class
-  ids; condition: at most one image modality held fixed; use_task=False for a
-  model without task embedding; noise: replaces the draws from `rng`.
+  ids; condition: at most one image modality held fixed, at time t_cond;
+  guidance (cfg_scale > 1) where guidance_low <= t <= guidance_high;
+  use_task=False for a model without task embedding; noise: replaces the
+  draws from `rng`.
   """
   images = modalities_lib.images(mods)
   names = [m.name for m in images]
