@@ -14,14 +14,19 @@ images (depth: a constant per-row depth fitted to the ground truth; normals: the
 mean ground-truth normal; segmentation: the most frequent class per pixel row),
 so a number can be read as better or worse than "no model".
 
-Results go to the clu writer (TensorBoard) and to `<workdir>/eval/step_XXXXXX.json`.
+The job is three steps: `sampler_predictor` makes the predictions,
+`predict_split` runs any such predictor over the split on every process and
+gathers the results, and `score` (pure) turns predictions and truths into the
+numbers. Results go to the clu writer (TensorBoard) and to
+`<workdir>/eval/step_XXXXXX.json`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from absl import logging
 from clu import metric_writers
@@ -73,7 +78,7 @@ def _baselines(gt: dict[str, np.ndarray], seg_classes: int) -> dict[str, float]:
     out.update({f'baseline/{k}': v for k, v in metrics_lib.depth_metrics(rows, d).items()})
   if 'normal' in gt:
     n = gt['normal']
-    mean = n.reshape(-1, 3).mean(0)
+    mean = n.reshape(-1, 3).mean(0, dtype=np.float64)  # float32 sums depend on the order
     mean = np.broadcast_to(mean / np.linalg.norm(mean), n.shape)
     out.update({f'baseline/{k}': v for k, v in metrics_lib.normal_metrics(mean, n).items()})
   if 'segmentation' in gt:
@@ -85,68 +90,105 @@ def _baselines(gt: dict[str, np.ndarray], seg_classes: int) -> dict[str, float]:
   return out
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Scores RGB → every other image modality on the validation split; returns the metrics."""
-  if config.objective.name != 'decoupled':
-    logging.warning('evaluate: RGB-conditioned prediction needs the decoupled objective; '
-                    '%r is not evaluated.', config.objective.name)
-    return {}
+# (global batch, batch index) -> {image modality: (N, H, W, C) prediction in model space}.
+# The batch holds every field of the validation batch (data/pipeline.py) as global
+# arrays; the index tells the batches apart (the sampler folds it into its key).
+Predictor = Callable[[Mapping[str, jax.Array], int], Mapping[str, jax.Array]]
+
+
+def sampler_predictor(config: ml_collections.ConfigDict, model: Any,
+                      mesh: jax.sharding.Mesh) -> Predictor:
+  """MMGen's understanding task: the first image modality (RGB) given, the others sampled."""
   from mmgen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
   mods = modalities_lib.from_config(config.modalities)
-  images = modalities_lib.images(mods)
-  first = images[0]
-  model, step, mesh = restore_for_inference(config, workdir)
-  rules = parallel.rules_dict(config.sharding_rules)
+  first = modalities_lib.images(mods)[0]
   num_classes = int(config.data.num_classes)
-  limit = int(config.eval.num_examples)
-  it = pipeline.make_iterator(config, config.data.eval_split, train=False)
-
   # y is the null class (no label given): guidance would mix v_null with itself.
   settings = {**samplers.settings_from_config(config), 'cfg_scale': 1.0}
   sample = jax.jit(lambda m, key, y, cond: samplers.sample(
       m, key, mods=mods, shape=cond.shape[:3], y=y, num_classes=num_classes,
       condition={first.name: cond}, **settings))
-
-  preds: dict[str, list[np.ndarray]] = {m.name: [] for m in images[1:]}
-  truth: dict[str, list[np.ndarray]] = {m.name: [] for m in images[1:]}
   key = jax.random.fold_in(jax.random.key(int(config.seed), impl=config.train.rng_impl), 3)
+
+  def predict(batch: Mapping[str, jax.Array], index: int) -> Mapping[str, jax.Array]:
+    cond = batch[first.name]
+    y = np.full((cond.shape[0],), num_classes, np.int32)  # null class: no label given
+    with jax.set_mesh(mesh):
+      return sample(model, jax.random.fold_in(key, index), y, cond)
+
+  return predict
+
+
+def _truth_field(m: modalities_lib.Modality) -> str:
+  """The batch field `m` is scored against: raw depth, semantic ids, or `m` itself."""
+  return {'depth': f'{m.name}_raw', 'segmentation': f'{m.name}_ids'}.get(m.encoding, m.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+  """The valid validation examples of every process, the same on every process."""
+  predicted: dict[str, np.ndarray]  # image modality -> (N, H, W, C) in model space
+  truth: dict[str, np.ndarray]      # image modality -> its `_truth_field`
+  num_examples: int
+  skipped_records: int              # bad records left out (data.on_bad_record='skip')
+
+
+def predict_split(config: ml_collections.ConfigDict, predict: Predictor,
+                  mesh: jax.sharding.Mesh) -> Predictions:
+  """Runs `predict` over the validation split (up to `config.eval.num_examples`).
+
+  Every image modality after the first is collected, with its truth; padding
+  (`valid` False) is dropped. Each process predicts its shard of every global
+  batch; the results are gathered on all processes.
+  """
+  targets = modalities_lib.images(modalities_lib.from_config(config.modalities))[1:]
+  rules = parallel.rules_dict(config.sharding_rules)
+  limit = int(config.eval.num_examples)
+  it = pipeline.make_iterator(config, config.data.eval_split, train=False)
+  predicted: dict[str, list[np.ndarray]] = {m.name: [] for m in targets}
+  truth: dict[str, list[np.ndarray]] = {m.name: [] for m in targets}
   seen, start = 0, time.time()
   for i, batch in enumerate(it):
     if limit and seen >= limit:
       break
     # Decided on the global batch: one process's shard may end a batch earlier, and
-    # a process leaving the loop alone would leave the others waiting in the sampler.
+    # a process leaving the loop alone would leave the others waiting in `predict`.
     if not np.any(multihost_utils.process_allgather(np.asarray(batch['valid']))):
       break  # every process has run out of records: only padding is left
-    fields = {m.name: {'depth': f'{m.name}_raw', 'segmentation': f'{m.name}_ids'}.get(
-        m.encoding, m.name) for m in images[1:]}
-    g = pipeline.to_global_batch(
-        {k: batch[k] for k in (first.name, 'valid', *fields.values())}, mesh, rules)
-    y = np.full((g[first.name].shape[0],), num_classes, np.int32)  # null class: no label given
-    with jax.set_mesh(mesh):
-      out = sample(model, jax.random.fold_in(key, i), y, g[first.name])
-    # Every process scores the whole global batch, so process 0 reports all of it.
-    valid_all = np.asarray(multihost_utils.process_allgather(g['valid'], tiled=True))
-    for m in images[1:]:
-      pred = np.asarray(multihost_utils.process_allgather(out[m.name], tiled=True))
-      true = np.asarray(multihost_utils.process_allgather(g[fields[m.name]], tiled=True))
-      preds[m.name].append(pred[valid_all])
-      truth[m.name].append(true[valid_all])
-    seen += int(valid_all.sum())
+    g = pipeline.to_global_batch(batch, mesh, rules)
+    out = predict(g, i)
+    valid = np.asarray(multihost_utils.process_allgather(g['valid'], tiled=True))
+    for m in targets:
+      predicted[m.name].append(
+          np.asarray(multihost_utils.process_allgather(out[m.name], tiled=True))[valid])
+      truth[m.name].append(
+          np.asarray(multihost_utils.process_allgather(g[_truth_field(m)], tiled=True))[valid])
+    seen += int(valid.sum())
     logging.info('evaluate: %d images, %.1f images/s', seen, seen / (time.time() - start))
   if seen == 0:
     raise ValueError(f'evaluate: split {config.data.eval_split!r} yielded no valid examples.')
-
-  # Bad records (config.data.on_bad_record='skip') are left out of the scores: say how many.
-  results: dict[str, float] = {
-      'eval/num_examples': float(seen),
-      'eval/skipped_records': float(parallel.sum_over_processes(it.stats.skipped))}
-  if results['eval/skipped_records']:
+  skipped = parallel.sum_over_processes(it.stats.skipped)
+  if skipped:
     it.stats.log()
+  return Predictions(predicted={k: np.concatenate(v) for k, v in predicted.items()},
+                     truth={k: np.concatenate(v) for k, v in truth.items()},
+                     num_examples=seen, skipped_records=skipped)
+
+
+def score(predicted: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray],
+          mods: tuple[modalities_lib.Modality, ...]) -> dict[str, float]:
+  """'eval/<modality>/<metric>' for every scored modality, and the baselines of `truth`.
+
+  Pure: `predicted` and `truth` as in `Predictions`; rgb-like modalities have
+  no dense-prediction score.
+  """
+  results: dict[str, float] = {}
   gt_by_encoding = {}
   seg_classes = len(scenes.SEMANTIC_CLASSES)
-  for m in images[1:]:
-    p, t = np.concatenate(preds[m.name]), np.concatenate(truth[m.name])
+  for m in modalities_lib.images(mods):
+    if m.name not in predicted:
+      continue
+    p, t = predicted[m.name], truth[m.name]
     if m.encoding == 'depth':
       t = t.reshape(t.shape[:3])
       scores = metrics_lib.depth_metrics(p[..., 0], t)
@@ -157,10 +199,31 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
       scores = metrics_lib.segmentation_metrics(palettes.ids_from_colors(p, m.palette), t,
                                                 seg_classes)
     else:
-      continue  # rgb-like modalities have no dense-prediction score
+      continue
     gt_by_encoding[m.encoding] = t
     results.update({f'eval/{m.name}/{k.split("/", 1)[1]}': v for k, v in scores.items()})
   results.update({f'eval/{k}': v for k, v in _baselines(gt_by_encoding, seg_classes).items()})
+  return results
+
+
+def evaluate_predictor(config: ml_collections.ConfigDict, predict: Predictor,
+                       mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """The counts, scores and baselines of `predict` on the validation split."""
+  got = predict_split(config, predict, mesh)
+  # Bad records (config.data.on_bad_record='skip') are left out of the scores: say how many.
+  return {'eval/num_examples': float(got.num_examples),
+          'eval/skipped_records': float(got.skipped_records),
+          **score(got.predicted, got.truth, modalities_lib.from_config(config.modalities))}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Scores RGB → every other image modality on the validation split; returns the metrics."""
+  if config.objective.name != 'decoupled':
+    logging.warning('evaluate: RGB-conditioned prediction needs the decoupled objective; '
+                    '%r is not evaluated.', config.objective.name)
+    return {}
+  model, step, mesh = restore_for_inference(config, workdir)
+  results = evaluate_predictor(config, sampler_predictor(config, model, mesh), mesh)
 
   if jax.process_index() == 0:
     writer = metric_writers.create_default_writer(workdir, just_logging=False)

@@ -74,15 +74,14 @@ def unnormalize_depth(pred_minus1_1: np.ndarray, depth_min: np.ndarray,
 def normal_angles_deg(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
   """Angle in degrees between predicted and true normals, (..., 3) -> (...).
 
-  Predictions are renormalised; a zero-length prediction counts as 180°.
+  The lengths do not matter; a zero-length prediction counts as 180°. The angle
+  is atan2(|p × g|, p · g): arccos of the cosine loses precision near 0°, where
+  float32 unit vectors alone would put a perfect prediction ~0.02° off.
   """
   _check_same_shape(pred, gt, 'normal_angles_deg')
-  pred = pred.astype(np.float64)
-  norm = np.linalg.norm(pred, axis=-1)
-  unit = pred / np.maximum(norm, 1e-12)[..., None]
-  cos = np.sum(unit * gt.astype(np.float64), axis=-1)
-  cos = np.where(norm > 1e-12, cos, -1.0)
-  return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+  pred, gt = pred.astype(np.float64), gt.astype(np.float64)
+  angle = np.arctan2(np.linalg.norm(np.cross(pred, gt), axis=-1), np.sum(pred * gt, axis=-1))
+  return np.degrees(np.where(np.linalg.norm(pred, axis=-1) > 1e-12, angle, np.pi))
 
 
 def normal_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:

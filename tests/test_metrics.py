@@ -44,6 +44,18 @@ def test_normal_angles():
   assert m['normal/within_11.25'] == pytest.approx(1 / 3)
 
 
+def test_normal_angles_are_exact_near_zero():
+  """float32 unit normals against themselves, and a 0.001° rotation."""
+  rng = np.random.default_rng(0)
+  gt = rng.normal(size=(1000, 3))
+  gt = (gt / np.linalg.norm(gt, axis=-1, keepdims=True)).astype(np.float32)
+  np.testing.assert_allclose(metrics.normal_angles_deg(gt, gt), 0.0, atol=1e-6)
+  a = np.radians(1e-3)
+  turned = np.array([[np.sin(a), 0.0, np.cos(a)]])
+  np.testing.assert_allclose(metrics.normal_angles_deg(turned, np.array([[0.0, 0.0, 1.0]])),
+                             [1e-3], rtol=1e-6)
+
+
 def test_segmentation_miou():
   gt = np.array([[0, 0, 1, 1]])
   pred = np.array([[0, 1, 1, 1]])
