@@ -16,14 +16,14 @@ from tests import tiny_task
 
 
 def _plan(mesh_shape, config):
-  mesh = parallel.make_mesh(dict(zip(parallel.MESH_AXES, mesh_shape)))
+  mesh = parallel.make_mesh(dict(zip(parallel.MESH_AXES, mesh_shape, strict=True)))
   tx = ts.make_optimizer(config.optim, ts.make_schedule(config.optim, 100))
   return ts.plan_train_state(tiny_task.make_model_fn(config), tx, mesh, config.sharding_rules,
                              0, config.train.rng_impl)
 
 
 def _assert_same_values(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(jax.device_get(x), jax.device_get(y))
 
 
@@ -75,7 +75,7 @@ def test_restore_onto_a_different_mesh(saved, config, tmp_path, mesh_shape):
   ckpt.close()
   assert step == 2 and int(state.step) == int(state2.step)
   _assert_same_values(state, state2)
-  for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(plan.shardings)):
+  for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(plan.shardings), strict=True):
     assert leaf.sharding == sharding
   # The iterator resumes where the saved one stood: the 4th batch.
   expected = tiny_task.make_data_iter(config, 0, 1)
