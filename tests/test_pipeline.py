@@ -136,7 +136,7 @@ def test_pipeline_flip_matches_the_unflipped_record(data_dir):
   batches = take(pipeline.make_iterator(config, 'train', train=True), 3)
   train_plain = take(pipeline.make_iterator(make_config(data_dir), 'train', train=True), 3)
   flips = 0
-  for b, p in zip(batches, train_plain):
+  for b, p in zip(batches, train_plain, strict=True):
     np.testing.assert_array_equal(b['index'], p['index'])  # same order: flips only
     for n in range(len(b['index'])):
       same = np.array_equal(b['rgb'][n], p['rgb'][n])
@@ -202,7 +202,7 @@ def test_same_seed_gives_identical_batches(data_dir):
   config = make_config(data_dir, crop_min_scale=0.6, hflip=True)
   a = take(pipeline.make_iterator(config, 'train', train=True), 4)  # 32 > 24: crosses an epoch
   b = take(pipeline.make_iterator(config, 'train', train=True), 4)
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     assert_batches_equal(x, y)
   config.data.shuffle_seed = 1
   c = take(pipeline.make_iterator(config, 'train', train=True), 1)
@@ -219,7 +219,7 @@ def test_iterator_state_resumes_exactly(data_dir):
   expected = take(it, 3)
   resumed = pipeline.make_iterator(config, 'train', train=True)
   resumed.set_state(state)
-  for x, y in zip(expected, take(resumed, 3)):
+  for x, y in zip(expected, take(resumed, 3), strict=True):
     assert_batches_equal(x, y)
 
 

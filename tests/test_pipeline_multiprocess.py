@@ -92,10 +92,10 @@ def test_two_workers_are_deterministic_and_resume_exactly(tiny_data_dir):
   expected = take(it, 2)
   it.close()
   again = pipeline.make_iterator(config, 'train', train=True)
-  for x, y in zip(first, take(again, 2)):
+  for x, y in zip(first, take(again, 2), strict=True):
     assert_batches_equal(x, y)
   again.set_state(state)
-  for x, y in zip(expected, take(again, 2)):
+  for x, y in zip(expected, take(again, 2), strict=True):
     assert_batches_equal(x, y)
   again.close()
   # Workers batch different positions (worker w takes positions w, w + 2, ...), but each
@@ -108,5 +108,5 @@ def test_two_workers_are_deterministic_and_resume_exactly(tiny_data_dir):
   multi, ref = by_index(first), by_index(single)
   assert multi.keys() == ref.keys() and len(ref) == 16
   for i in ref:
-    for a, b in zip(multi[i], ref[i]):
+    for a, b in zip(multi[i], ref[i], strict=True):
       np.testing.assert_array_equal(a, b, err_msg=f'record {i}')

@@ -196,7 +196,7 @@ def test_segmentation_boundaries_are_geometric_discontinuities():
     maps = [out['depth'].astype(np.float64), out['normal'].astype(np.float64),
             _rays(out['intrinsics'], 64, 64), out['segmentation'], out['instance']]
     for (z1, z0), (n1, n0), (r1, r0), (s1, s0), (i1, i0) in zip(
-        *[_neighbour_pairs(m) for m in maps]):
+        *[_neighbour_pairs(m) for m in maps], strict=True):
       err = np.minimum(_plane_error(z0, n0, r0, z1, r1), _plane_error(z1, n1, r1, z0, r0))
       jump = err > 0.05
       crease = _angle_deg(n1, n0) > 20.0
