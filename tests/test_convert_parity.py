@@ -7,6 +7,7 @@ import os
 
 from flax import nnx
 import jax
+from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -202,3 +203,33 @@ def test_cli_converts_a_state_dict_file(tmp_path, state_dict, converted):
   got = dict(nnx.to_flat_state(nnx.state(fresh, nnx.Param)))
   for path, var in ref:
     np.testing.assert_array_equal(got[path].get_value(), var.get_value(), err_msg=str(path))
+
+
+def test_to_layout_round_trips_a_train_state_of_twelve_blocks():
+  """Blocks are stacked in index order (not '10' < '2'), shardings gain and lose the layer axis."""
+  mesh = jax.make_mesh((8,), ('fsdp',), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('fsdp', None))
+  blocks = {str(i): {'mlp': {'kernel': np.full((8, 2), i, np.float32)}} for i in range(12)}
+  abstract = {i: {'mlp': {'kernel': jax.ShapeDtypeStruct((8, 2), np.float32, sharding=sharding)}}
+              for i in range(12)}
+  tree = {'params': {'blocks': blocks, 'x_embedder': np.ones(3)},
+          'opt': ({'mu': {'trunk': {'blocks': blocks}}}, np.zeros(())),
+          'abstract': {'blocks': abstract}}
+  stacked = convert.to_layout(tree, scan_layers=True)
+  for kernel in (stacked['params']['blocks']['mlp']['kernel'],
+                 stacked['opt'][0]['mu']['trunk']['blocks']['mlp']['kernel']):
+    assert kernel.shape == (12, 8, 2)
+    np.testing.assert_array_equal(kernel[:, 0, 0], np.arange(12))
+  kernel = stacked['abstract']['blocks']['mlp']['kernel']
+  assert kernel.shape == (12, 8, 2) and kernel.sharding.spec == P(None, 'fsdp', None)
+  assert convert.scan_layers_of(stacked) is True and convert.scan_layers_of(tree) is False
+  again = convert.to_layout(stacked, scan_layers=True)  # already stacked: as it is
+  assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(stacked), strict=True))
+
+  back = convert.to_layout(stacked, scan_layers=False)
+  assert sorted(back['params']['blocks']) == list(range(12))
+  for i in range(12):
+    np.testing.assert_array_equal(back['params']['blocks'][i]['mlp']['kernel'],
+                                  blocks[str(i)]['mlp']['kernel'])
+  assert back['abstract']['blocks'][5]['mlp']['kernel'].sharding.spec == P('fsdp', None)
+  np.testing.assert_array_equal(back['params']['x_embedder'], tree['params']['x_embedder'])
