@@ -93,7 +93,7 @@ def test_gradients_reach_every_parameter_and_head(scan_layers):
   def loss(m, head_weights):
     out = m(x, t, y, task)
     terms = [jnp.mean(o ** 2) for o in out.images + out.logits + out.zs]
-    return sum(w * l for w, l in zip(head_weights, terms))
+    return sum(w * l for w, l in zip(head_weights, terms, strict=True))
 
   grad_fn = nnx.jit(nnx.grad(loss))
   num_outputs = len(SLOTS) + 1 + 1
@@ -124,7 +124,8 @@ def test_bf16_compute_is_finite_and_close_to_f32():
   f32, bf16 = random_model(), random_model(dtype=jnp.bfloat16)  # same parameters
   args = inputs()
   ref, out = forward(f32, *args), forward(bf16, *args)
-  for r, o in zip(ref.images + ref.logits + ref.zs, out.images + out.logits + out.zs):
+  for r, o in zip(ref.images + ref.logits + ref.zs, out.images + out.logits + out.zs,
+                  strict=True):
     assert o.dtype == jnp.float32 and bool(jnp.isfinite(o).all())
     assert float(jnp.abs(o - r).max()) <= 0.05 * float(jnp.abs(r).max())
   params = jax.tree.leaves(nnx.state(bf16, nnx.Param))
@@ -141,7 +142,7 @@ def test_time_per_slot_equals_time_per_channel():
   x, t, y, task = inputs()
   per_channel = jnp.repeat(t, np.array(SLOTS), axis=1, total_repeat_length=sum(SLOTS))
   a, b = forward(model, x, t, y, task), forward(model, x, per_channel, y, task)
-  for i, j in zip(a.images, b.images):  # equal up to rounding of the channel means
+  for i, j in zip(a.images, b.images, strict=True):  # equal up to rounding of the channel means
     assert float(jnp.abs(i - j).max()) <= 1e-5 * float(jnp.abs(j).max())
   # (N,) = the same time in every slot.
   np.testing.assert_array_equal(slot_embeddings(model, t[:, 0])[0],
@@ -217,7 +218,7 @@ def test_sharded_build_and_forward_match_unsharded(scan_layers):
     x = jax.device_put(x, NamedSharding(mesh, P(('data', 'fsdp'))))
     out = forward(sharded, x, t, y, task).images
   ref = forward(plain, x, t, y, task).images
-  for o, r in zip(out, ref):
+  for o, r in zip(out, ref, strict=True):
     np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-5)
 
 
