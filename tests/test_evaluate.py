@@ -15,14 +15,15 @@ from mmgen_jax import evaluate
 from mmgen_jax import parallel
 from mmgen_jax.data import palettes
 from mmgen_jax.data import pipeline
+from tests.conftest import SCENES_TEST_BUILD
 from tests.evaluate_process import eval_config, image_predictor
 
-NUM_RECORDS = 8  # validation records of conftest.SCENES_TEST_BUILD
+NUM_RECORDS = 8  # validation records of SCENES_TEST_BUILD
 
 
 @pytest.fixture(scope='module')
 def config(scenes_data_dir):
-  return eval_config(scenes_data_dir)
+  return eval_config(scenes_data_dir, SCENES_TEST_BUILD)
 
 
 @pytest.fixture(scope='module')
@@ -64,8 +65,8 @@ def test_a_constant_predictor_scores_the_image_blind_baseline(config, mesh):
   mean = normal.reshape(-1, 3).mean(0, dtype=np.float64)
   counts = np.stack([(ids == c).sum(axis=(0, 2)) for c in range(len(palettes.get('scenes')))])
   modes = np.broadcast_to(counts.argmax(0)[:, None], ids.shape[1:])
-  constant = {'depth': rows[..., None], 'normal': np.broadcast_to(mean / np.linalg.norm(mean),
-                                                                    normal.shape[1:]),
+  constant = {'depth': rows[..., None],
+              'normal': np.broadcast_to(mean / np.linalg.norm(mean), normal.shape[1:]),
               'segmentation': palettes.colorize(modes, 'scenes') / 127.5 - 1.0}
 
   def predict(batch, index):
@@ -105,7 +106,7 @@ def test_two_processes_score_like_one(config, mesh, scenes_data_dir, tmp_path):
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
   outs = [tmp_path / f'process{i}.json' for i in range(2)]
   procs = [subprocess.Popen([sys.executable, script, str(i), str(port), scenes_data_dir,
-                             str(outs[i])], env=env, stdout=subprocess.PIPE,
+                             SCENES_TEST_BUILD, str(outs[i])], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:
     logs = [p.communicate(timeout=300)[0] for p in procs]
