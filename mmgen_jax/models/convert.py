@@ -15,7 +15,8 @@ NNX `blocks/…`, whose leading axis is the layer). `to_layout` moves any tree o
 parameters (a model's state, a train state with its EMA and optimizer
 moments, abstract shapes with shardings) from one layout to the other.
 
-CLI (the released SiT-XL/2 checkpoint -> flat safetensors keyed by NNX path):
+CLI (the released SiT-XL/2 checkpoint -> flat safetensors keyed by NNX path,
+the trunk stacked; `load_params` reads the file into either layout):
 
   python -m mmgen_jax.models.convert --checkpoint 0600000.pt --out params.safetensors
 """
