@@ -129,17 +129,19 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_is_exact(straight, tmp_pa
 
 def _kill_during_or_right_after_a_save(proc, checkpoints, after_step: int) -> list[str]:
   """SIGKILLs `proc` as soon as a save of a step past `after_step` is being written
-  (Orbax's temporary directory) or has just been committed; returns what it saw."""
+  (Orbax's temporary directory) or has just been committed; returns what it left."""
+  def steps():
+    names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
+    return names, [int(n.split('.')[0]) for n in names if n.split('.')[0].isdigit()]
+
   deadline = time.monotonic() + 300
   while time.monotonic() < deadline:
-    assert proc.poll() is None, f'the run ended before it was killed:\n{proc.communicate()[1][-3000:]}'
-    names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
-    if any(int(name.split('.')[0]) > after_step for name in names):
+    assert proc.poll() is None, 'the run ended before it was killed'
+    if any(step > after_step for step in steps()[1]):
       proc.send_signal(signal.SIGKILL)
       proc.wait()
-      return names
+      return steps()[0]
     time.sleep(0.002)
-  proc.kill()
   raise AssertionError(f'no save past step {after_step} in {checkpoints} within 300 s')
 
 
@@ -152,23 +154,26 @@ def test_kill_9_during_an_async_save_then_the_same_command_resumes_exactly(strai
   cmd = [sys.executable, tiny_task.__file__, f'--workdir={workdir}', f'--num_steps={STEPS}',
          '--mesh=-1,2,1', '--checkpoint_every=1']
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-  killed = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-  try:
-    seen = _kill_during_or_right_after_a_save(killed, workdir / 'checkpoints', after_step=1)
-  finally:
-    if killed.poll() is None:
-      killed.kill()
+  log = tmp_path / 'killed.log'
+  with open(log, 'w') as out:  # a file, not a pipe nobody reads, which could fill and block
+    killed = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+      left = _kill_during_or_right_after_a_save(killed, workdir / 'checkpoints', after_step=1)
+    except AssertionError as e:
+      raise AssertionError(f'{e}\n{log.read_text()[-3000:]}') from None
+    finally:
+      if killed.poll() is None:
+        killed.kill()
   assert killed.returncode == -signal.SIGKILL
-  committed = sorted(int(name) for name in seen if name.isdigit())
-  assert STEPS not in committed, seen  # the run was cut short
+  committed = sorted(int(name) for name in left if name.isdigit())
+  assert STEPS not in committed, left  # the run was cut short
 
   again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   line = next(l for l in again.stdout.splitlines() if l.startswith('RESULT '))
   resumed = {int(k): v for k, v in json.loads(line[len('RESULT '):])['loss_history'].items()}
   # It resumed from the newest committed step; a half-written one does not count.
-  assert sorted(resumed) == list(range(max(committed, default=0) + 1, STEPS + 1)), seen
+  assert sorted(resumed) == list(range(max(committed, default=0) + 1, STEPS + 1)), left
   assert resumed == {s: ref['loss_history'][s] for s in resumed}
   state, _ = _final_state(str(workdir), _config())
   _assert_bitwise_equal(state, ref_state)
