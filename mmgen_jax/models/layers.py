@@ -6,14 +6,19 @@ names used here: 'embed' (model width), 'mlp' (hidden widths), 'heads', 'kv'
 (head dim), 'vocab' (table rows / class logits), 'patch_in' (p·p·C patch
 values), 'freq' (sinusoid features); None means replicated.
 
-Numerics: parameters are stored in `param_dtype` and cast to the compute
-`dtype` at every matmul; LayerNorm statistics, softmax and the residual stream
-stay in float32.
+Numerics: parameters are stored in `param_dtype`; every matmul (`matmul`)
+takes its operands in the compute `dtype`, accumulates in float32 and returns
+float32, in the backward pass too. Everything between matmuls (LayerNorm,
+adaLN modulation, softmax, GELU, the residual stream) is float32 and fuses into
+the neighbouring casts; the few elementwise functions whose autodiff would keep
+several intermediates per token (layer_norm, gelu_tanh, softmax) carry their own
+derivative rules so that the backward pass keeps one or two arrays instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -35,6 +40,47 @@ class Numerics:
   precision: jax.lax.PrecisionLike = None
 
 
+# ---- matmuls ------------------------------------------------------------------
+
+
+def matmul(equation: str, x: jax.Array, w: jax.Array, numerics: Numerics) -> jax.Array:
+  """`jnp.einsum(equation, x, w)` in the compute dtype, accumulated and returned in float32.
+
+  In float32 it is a plain einsum at `numerics.precision`. In a 16-bit dtype the
+  operands are cast and the product accumulates in float32
+  (preferred_element_type); the backward matmuls take 16-bit operands as well
+  (the incoming float32 cotangent is cast first), where plain autodiff would
+  multiply the float32 cotangent by the 16-bit operand in float32.
+  """
+  dt = numerics.dtype
+  if jnp.dtype(dt) == jnp.float32:
+    return jnp.einsum(equation, x.astype(dt), w.astype(dt), precision=numerics.precision,
+                      preferred_element_type=jnp.float32)
+  return _low_precision_einsum(equation, x.astype(dt), w.astype(dt))
+
+
+def _f32_einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _low_precision_einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  return _f32_einsum(equation, x, w)
+
+
+def _low_precision_einsum_fwd(equation, x, w):
+  return _f32_einsum(equation, x, w), (x, w)
+
+
+def _low_precision_einsum_bwd(equation, residuals, g):
+  x, w = residuals
+  _, vjp = jax.vjp(functools.partial(_f32_einsum, equation), x, w)
+  return vjp(g.astype(x.dtype))
+
+
+_low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
+
+
 # ---- pure functions -----------------------------------------------------------
 
 
@@ -43,12 +89,66 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale) + shift
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """LayerNorm without affine parameters; statistics in float32, result float32."""
+  """LayerNorm without affine parameters over the last axis; float32 in and out.
+
+  One pass over x (mean and mean square together, as flax's LayerNorm does);
+  the backward pass keeps only the result and 1/σ.
+  """
+  return _normalise(x, eps)[0]
+
+
+def _normalise(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
   x = x.astype(jnp.float32)
   mean = x.mean(-1, keepdims=True)
-  var = jnp.square(x - mean).mean(-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
+  var = jnp.maximum(jnp.square(x).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
+  inv_std = jax.lax.rsqrt(var + eps)
+  return (x - mean) * inv_std, inv_std
+
+
+@layer_norm.defjvp
+def _layer_norm_jvp(eps, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  y, inv_std = _normalise(x, eps)
+  dx = dx.astype(jnp.float32)
+  dx = dx - dx.mean(-1, keepdims=True)
+  return y, inv_std * (dx - y * (y * dx).mean(-1, keepdims=True))
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_jvp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """GELU, tanh approximation (timm's GELU(approximate='tanh')).
+
+  The backward pass keeps the derivative alone (autodiff of the formula would
+  keep five arrays of the MLP's width).
+  """
+  return jax.nn.gelu(x, approximate=True)
+
+
+@gelu_tanh.defjvp
+def _gelu_tanh_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  t = jnp.tanh(_GELU_C * (x + 0.044715 * x ** 3))
+  slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)
+  return gelu_tanh(x), slope * dx
+
+
+@jax.custom_jvp
+def softmax(x: jax.Array) -> jax.Array:
+  """Softmax over the last axis; the backward pass keeps only the result."""
+  unnormalised = jnp.exp(x - jax.lax.stop_gradient(x.max(-1, keepdims=True)))
+  return unnormalised / unnormalised.sum(-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  y = softmax(x)
+  return y, y * (dx - (y * dx).sum(-1, keepdims=True))
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
@@ -103,29 +203,55 @@ def unpatchify(x: jax.Array, p: int, grid_h: int, grid_w: int) -> jax.Array:
 # ---- layers -------------------------------------------------------------------
 
 
+class Dense(nnx.Module):
+  """y = x·kernel + bias over the last axis through `matmul`; float32 out.
+
+  Parameters are laid out like `nnx.Linear`'s (kernel (in, out), bias (out,)),
+  and the bias is added in float32.
+  """
+
+  def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None],
+               *, kernel_init: Initializer, numerics: Numerics, rngs: nnx.Rngs):
+    pd = numerics.param_dtype
+    self.numerics = numerics
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), pd),
+                            out_sharding=axes)
+    self.bias = nnx.Param(zeros(rngs.params(), (out_features,), pd), out_sharding=(axes[1],))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return matmul('...i,io->...o', x, self.kernel[...], self.numerics) + self.bias[...]
+
+
 def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
           numerics: Numerics, rngs: nnx.Rngs, kernel_init: Initializer | None = None,
-          zero_init: bool = False) -> nnx.Linear:
-  """A Linear layer with logical axis names on kernel (in, out) and bias (out,).
+          zero_init: bool = False) -> Dense:
+  """A `Dense` layer with logical axis names on kernel (in, out) and bias (out,).
 
   Default init is xavier-uniform kernel and zero bias (DiT's `_basic_init`);
   `zero_init` zeroes both (adaLN-Zero and output layers).
   """
   if zero_init:
     kernel_init = zeros
-  return nnx.Linear(
-      in_features, out_features, use_bias=True,
-      kernel_init=nnx.with_partitioning(kernel_init or xavier_uniform(), axes),
-      bias_init=nnx.with_partitioning(zeros, (axes[1],)),
-      dtype=numerics.dtype, param_dtype=numerics.param_dtype,
-      precision=numerics.precision, rngs=rngs)
+  return Dense(in_features, out_features, axes, kernel_init=kernel_init or xavier_uniform(),
+               numerics=numerics, rngs=rngs)
+
+
+def attention_implementation(dtype: Any) -> str | None:
+  """cuDNN's fused attention on GPU in 16-bit dtypes; None: this module's einsums."""
+  if jax.default_backend() == 'gpu' and jnp.dtype(dtype).itemsize == 2:
+    return 'cudnn'
+  return None
 
 
 class Attention(nnx.Module):
   """Multi-head self-attention with qkv bias and optional q/k LayerNorm.
 
   The qkv kernel is (embed, 3, heads, head_dim) and the output kernel
-  (heads, head_dim, embed), so tensor parallelism shards whole heads.
+  (heads, head_dim, embed), so tensor parallelism shards whole heads. Scores
+  and their mix are batched over (batch, heads) with both operands in
+  (batch, heads, tokens, head_dim) layout, the layout dot products take
+  without transposing; on GPU in 16-bit dtypes jax.nn.dot_product_attention
+  runs cuDNN's fused kernel instead.
   """
 
   def __init__(self, hidden_size: int, num_heads: int, *, qk_norm: bool = False,
@@ -151,18 +277,24 @@ class Attention(nnx.Module):
       self.k_norm = _head_norm(hd, numerics, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    dt, prec = self.numerics.dtype, self.numerics.precision
-    x = x.astype(dt)
-    qkv = jnp.einsum('btd,dshk->sbthk', x, self.qkv_kernel[...].astype(dt), precision=prec)
-    q, k, v = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+    num = self.numerics
+    qkv = matmul('btd,dshk->btshk', x, self.qkv_kernel[...], num) + self.qkv_bias[...]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (batch, tokens, heads, head_dim)
     if self.qk_norm:
-      q, k = self.q_norm(q).astype(dt), self.k_norm(k).astype(dt)
-    logits = jnp.einsum('bqhk,bthk->bhqt', q, k, precision=prec,
-                        preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits * self.head_dim ** -0.5, axis=-1).astype(dt)
-    out = jnp.einsum('bhqt,bthk->bqhk', probs, v, precision=prec)
-    out = jnp.einsum('bqhk,hkd->bqd', out, self.proj_kernel[...].astype(dt), precision=prec)
-    return out + self.proj_bias[...].astype(dt)
+      q, k = self.q_norm(q), self.k_norm(k)
+    implementation = attention_implementation(num.dtype)
+    if implementation:
+      dt = num.dtype
+      out = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt),
+                                         implementation=implementation)
+      out_layout = 'bqhk'
+    else:
+      q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (batch, heads, tokens, hd)
+      logits = matmul('bhqk,bhtk->bhqt', q, k, num) * self.head_dim ** -0.5
+      out = matmul('bhqt,bhtk->bhqk', softmax(logits), v, num)
+      out_layout = 'bhqk'
+    out = matmul(f'{out_layout},hkd->bqd', out, self.proj_kernel[...], num)
+    return out + self.proj_bias[...]
 
 
 def _head_norm(head_dim: int, numerics: Numerics, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -180,7 +312,7 @@ class Mlp(nnx.Module):
     self.fc2 = dense(mlp_dim, hidden_size, ('mlp', 'embed'), numerics=numerics, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+    return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class PatchEmbed(nnx.Module):
