@@ -73,9 +73,15 @@ def _low_precision_einsum_fwd(equation, x, w):
 
 
 def _low_precision_einsum_bwd(equation, residuals, g):
+  # Each index of an operand appears in the other operand or in the result (true
+  # of every equation here), so each gradient is one einsum of the other two.
   x, w = residuals
-  _, vjp = jax.vjp(functools.partial(_f32_einsum, equation), x, w)
-  return vjp(g.astype(x.dtype))
+  operands, out = equation.split('->')
+  lhs, rhs = operands.split(',')
+  g = g.astype(x.dtype)
+  dx = _f32_einsum(f'{out},{rhs}->{lhs}', g, w)
+  dw = _f32_einsum(f'{lhs},{out}->{rhs}', x, g)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
