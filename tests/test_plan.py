@@ -133,6 +133,19 @@ def test_compiled_memory_on_the_fake_devices():
   assert 'compiled on 8 cpu devices' in plan.format_plan(p)
 
 
+@pytest.mark.slow
+def test_scanned_trunk_keeps_the_batch_split_on_an_fsdp_mesh():
+  """Inside the scan the activations stay split over the batch (not the stacked weights'
+  embed axis), so the scanned step needs no more temporary memory than the per-block one."""
+  temporaries = {}
+  for scan_layers in (False, True):
+    c = tiny(scan_layers=scan_layers)
+    c.mesh.data, c.mesh.fsdp = 1, 8
+    p = plan.make_plan(c, num_devices=8, lower=False, compile=True)
+    temporaries[scan_layers] = p.compiled_memory['temporaries']
+  assert temporaries[True] <= temporaries[False]
+
+
 @pytest.mark.parametrize('variant', ['all', 'joint_label', 'masked', 'transition'])
 def test_mt_diffusion_variants_trace_a_train_step(variant):
   """The MT-ELBO model, objective and batch fit together (the step is traced)."""

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mmgen_jax import modalities as modalities_lib
+from mmgen_jax import parallel
 from mmgen_jax.models import dit
 from mmgen_jax.models import mt_encoders
 
@@ -68,6 +69,7 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
       repa_encoder_depth=repa, repa_z_dims=(int(m.repa_z_dim),) if repa else (),
       repa_projector_dim=int(m.repa_projector_dim), scan_layers=bool(m.scan_layers),
       scan_unroll=int(m.scan_unroll), remat_policy=str(m.remat_policy),
+      batch_axes=parallel.rules_dict(config.sharding_rules).get('batch'),
       dtype=_dtype(m.dtype, 'dtype'), param_dtype=_dtype(m.param_dtype, 'param_dtype'))
 
 

@@ -210,6 +210,7 @@ class MMDiT(nnx.Module):
                repa_encoder_depth: int = 0,
                repa_z_dims: Sequence[int] = (), repa_projector_dim: int = 2048,
                scan_layers: bool = True, scan_unroll: int = 1, remat_policy: str = 'none',
+               batch_axes: str | Sequence[str] | None = None,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     """Builds the model.
@@ -235,6 +236,11 @@ class MMDiT(nnx.Module):
         gives one straight-line program, whose FLOPs XLA counts in full (it
         counts a loop's body once).
       remat_policy: what the backward pass recomputes, one of REMAT_POLICIES.
+      batch_axes: mesh axes the batch is split over (the 'batch' sharding rule).
+        Under a mesh the scanned trunk keeps its activations split so: left to
+        itself the partitioner may gather the batch inside the loop to keep the
+        stacked weights split (measured: 30x the temporaries, SiT-XL/2 on 32
+        devices).
       dtype / param_dtype / precision: compute dtype, storage dtype, matmul precision.
     """
     self.input_size, self.patch_size = input_size, patch_size
@@ -245,6 +251,7 @@ class MMDiT(nnx.Module):
     self.repa_encoder_depth = repa_encoder_depth
     self.scan_layers, self.scan_unroll = scan_layers, scan_unroll
     self.remat_policy = remat_policy
+    self.batch_axes = tuple(batch_axes) if isinstance(batch_axes, (list, tuple)) else batch_axes
     _check_args(input_size, patch_size, in_channels, image_heads, time_slots, hidden_size,
                 depth, num_tasks, repa_encoder_depth, repa_z_dims, scan_unroll, remat_policy)
     numerics = Numerics(dtype=dtype, param_dtype=param_dtype, precision=precision)
@@ -359,7 +366,7 @@ class MMDiT(nnx.Module):
       return x, outputs if keep_outputs else []
 
     def step(block, x, c):
-      x = call(block, x, c)
+      x = call(block, _split_batch(x, self.batch_axes), c)
       return x, (x if keep_outputs else None)
 
     stack = self.blocks if (lo, hi) == (0, self.depth) else _layer_range(self.blocks, lo, hi)
@@ -367,6 +374,15 @@ class MMDiT(nnx.Module):
                           unroll=self.scan_unroll,
                           transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})(stack, x, c)
     return x, list(stacked) if keep_outputs else []
+
+
+def _split_batch(x: jax.Array, batch_axes: str | tuple[str, ...] | None) -> jax.Array:
+  """x with its leading (batch) axis split over `batch_axes` under a mesh; else x."""
+  if batch_axes is None or jax.sharding.get_abstract_mesh().empty:
+    return x
+  spec = jax.sharding.PartitionSpec(batch_axes, *[jax.sharding.PartitionSpec.UNCONSTRAINED] *
+                                    (x.ndim - 1))
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def _stacked_blocks(make_block, depth: int, rngs: nnx.Rngs) -> DiTBlock:
