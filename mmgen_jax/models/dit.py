@@ -369,10 +369,12 @@ class MMDiT(nnx.Module):
       x = call(block, _split_batch(x, self.batch_axes), c)
       return x, (x if keep_outputs else None)
 
+    # The blocks change no state, so the scan propagates no updates: that also serves a
+    # model merged from arrays closed over by an outer loop (samplers), which nnx.scan
+    # could not update in place.
     stack = self.blocks if (lo, hi) == (0, self.depth) else _layer_range(self.blocks, lo, hi)
     x, stacked = nnx.scan(step, in_axes=(0, nnx.Carry, None), out_axes=(nnx.Carry, 0),
-                          unroll=self.scan_unroll,
-                          transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})(stack, x, c)
+                          unroll=self.scan_unroll, graph_updates=False)(stack, x, c)
     return x, list(stacked) if keep_outputs else []
 
 
