@@ -153,10 +153,10 @@ def torch_worker(args: argparse.Namespace) -> None:
 def jax_worker(args: argparse.Namespace) -> None:
   threads = _pin(args.cpus)
   import jax  # pylint: disable=g-import-not-at-top
-  import train_step  # bench/train_step.py, beside this file  # pylint: disable=g-import-not-at-top
-  config = train_step.mmgen_config(args.dtype, BATCH, hidden=HIDDEN, depth=DEPTH, heads=HEADS,
+  import step_timing  # bench/step_timing.py, beside this file  # pylint: disable=g-import-not-at-top
+  config = step_timing.mmgen_config(args.dtype, BATCH, hidden=HIDDEN, depth=DEPTH, heads=HEADS,
                                    latent_side=SIDE, num_modalities=MODALITIES)
-  prepared = train_step.prepare(config)
+  prepared = step_timing.prepare(config)
   _serve(prepared.run, dict(side='ours', framework=f'jax {jax.__version__}', threads=threads,
                             params=prepared.params, compile_s=prepared.compile_s,
                             analytic_flops_per_step=prepared.analytic_flops))
