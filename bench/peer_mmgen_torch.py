@@ -15,7 +15,10 @@ Each side runs in its own worker process, pinned to the same CPUs (so torch's
 intra-op threads and XLA's thread pool both get `--cpus`), and the two take
 turns: round r runs `--steps` steps of the official side, then `--steps` of
 this side, so a shared machine's load falls on both alike. The JSON gives each
-side's step times, their minimum and median, and the ratio ours / official.
+side's step times, their minimum and median, the CPU seconds its process spent
+per step (all threads; spin-waiting threads count too), and the ratio ours /
+official. A loaded machine slows torch's OpenMP threads more than XLA's pool:
+`--cpus=0` (one CPU, one thread each) compares them without that.
 
 PyTorch is not a dependency of this project: the official side runs under
 `--torch_python`, a Python with torch and timm installed (e.g. a venv made with
@@ -70,12 +73,16 @@ def _pin(cpus: str) -> int:
 
 
 def _serve(run_steps, info: dict[str, Any]) -> None:
-  """Worker loop: announce `info`, then for each line N on stdin run N steps, print their times."""
+  """Worker loop: announce `info`, then for each line N on stdin run N steps and print
+  their wall times and the process's CPU seconds per step (all its threads)."""
   print(json.dumps(info), flush=True)
   for line in sys.stdin:
     if not line.strip():
       break
-    print(json.dumps({'times': run_steps(int(line))}), flush=True)
+    start = time.process_time()
+    times = run_steps(int(line))
+    cpu = (time.process_time() - start) / len(times)
+    print(json.dumps({'times': times, 'cpu_per_step': cpu}), flush=True)
 
 
 # ---- the official side (runs under --torch_python; imports nothing of this project) ------
@@ -183,10 +190,10 @@ class Worker:
       if line.startswith('{'):  # anything else is the frameworks' own chatter
         return json.loads(line)
 
-  def run(self, steps: int) -> list[float]:
+  def run(self, steps: int) -> dict[str, Any]:
     self.proc.stdin.write(f'{steps}\n')
     self.proc.stdin.flush()
-    return self._reply('a worker died while running steps')['times']
+    return self._reply('a worker died while running steps')
 
   def close(self) -> None:
     if self.proc.poll() is None:
@@ -211,8 +218,10 @@ def check_inputs(args: argparse.Namespace) -> str:
   return python
 
 
-def stats(times: list[float]) -> dict[str, Any]:
+def stats(replies: list[dict[str, Any]]) -> dict[str, Any]:
+  times = [t for r in replies for t in r['times']]
   return dict(step_time_min_s=min(times), step_time_median_s=statistics.median(times),
+              cpu_s_per_step_median=statistics.median(r['cpu_per_step'] for r in replies),
               step_times_s=[round(t, 4) for t in times])
 
 
@@ -222,23 +231,25 @@ def compare(args: argparse.Namespace) -> None:
   # One after the other, so neither compiles while the other warms up.
   official = Worker(torch_python, 'torch', args)
   ours = Worker(sys.executable, 'jax', args)
-  times = {'official': [], 'ours': []}
+  replies = {'official': [], 'ours': []}
   try:
     for _ in range(args.rounds):
-      times['official'] += official.run(args.steps)
-      times['ours'] += ours.run(args.steps)
+      replies['official'].append(official.run(args.steps))
+      replies['ours'].append(ours.run(args.steps))
   finally:
     official.close()
     ours.close()
+  official_stats, ours_stats = stats(replies['official']), stats(replies['ours'])
   result = dict(
       size=dict(hidden=HIDDEN, depth=DEPTH, heads=HEADS, patch=PATCH, modalities=MODALITIES,
                 latent_channels=LATENT_CHANNELS, side=SIDE, batch=BATCH,
                 repa_encoder_depth=ENCODER_DEPTH, dtype=args.dtype),
-      official={**official.info, **stats(times['official'])},
-      ours={**ours.info, **stats(times['ours'])},
-      ratio_ours_over_official_median=(statistics.median(times['ours'])
-                                       / statistics.median(times['official'])),
-      ratio_ours_over_official_min=min(times['ours']) / min(times['official']),
+      official={**official.info, **official_stats},
+      ours={**ours.info, **ours_stats},
+      ratio_ours_over_official_median=(ours_stats['step_time_median_s']
+                                       / official_stats['step_time_median_s']),
+      ratio_ours_over_official_min=(ours_stats['step_time_min_s']
+                                    / official_stats['step_time_min_s']),
       rounds=args.rounds, steps_per_round=args.steps, cpus=args.cpus or 'all',
       cpu_count=os.cpu_count(), load_average_1min_before=load_before,
       load_average_1min_after=os.getloadavg()[0])
