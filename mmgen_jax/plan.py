@@ -168,6 +168,25 @@ def analytic_activation_bytes(config: ml_collections.ConfigDict, per_device_batc
   return int(total * per_device_batch)
 
 
+def lowered_step_flops(config: ml_collections.ConfigDict,
+                       mesh: jax.sharding.AbstractMesh | None = None) -> float:
+  """XLA's FLOP count of one global train step (0.0 if XLA gives none).
+
+  Unpartitioned: the FLOPs of the whole global step, whatever the mesh (default:
+  one device). XLA counts a loop's body once, so the step is lowered, not
+  compiled, with the trunk's scan unrolled; gradient accumulation is counted.
+  """
+  mesh = mesh or jax.sharding.AbstractMesh((1, 1, 1), parallel.MESH_AXES,
+                                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  counted = config.copy_and_resolve_references()
+  counted.model.scan_unroll = max(1, int(config.model.depth))
+  state, _, counted_step = _abstract_state(counted, mesh)
+  bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  abatch = abstract_batch(config, int(config.data.global_batch_size))
+  cost = jax.jit(counted_step).lower(bare, abatch).cost_analysis()
+  return train_state.step_flops(cost, int(config.optim.grad_accum_steps))
+
+
 # ---- the plan ---------------------------------------------------------------------------
 
 
@@ -185,7 +204,8 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
   config_validation.validate(config, num_devices=num_devices, num_processes=1)
   shape = parallel.mesh_shape(config.mesh, num_devices)
   mesh_sizes = dict(zip(parallel.MESH_AXES, shape))
-  abstract_mesh = jax.sharding.AbstractMesh(shape, parallel.MESH_AXES)
+  abstract_mesh = jax.sharding.AbstractMesh(shape, parallel.MESH_AXES,
+                                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
   state, _, step = _abstract_state(config, abstract_mesh)
 
   batch = int(config.data.global_batch_size)
@@ -205,15 +225,9 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
   flops, source = analytic, 'analytic'
   abatch = abstract_batch(config, batch)
   if lower:
-    # Unpartitioned: the FLOPs of the whole global step, whatever the mesh. XLA
-    # counts a loop's body once, so the count is of the trunk's scan unrolled.
-    counted = config.copy_and_resolve_references()
-    counted.model.scan_unroll = max(1, int(config.model.depth))
-    _, _, counted_step = _abstract_state(counted, abstract_mesh)
-    bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    cost = jax.jit(counted_step).lower(bare, abatch).cost_analysis()
-    if train_state.step_flops(cost):
-      flops, source = train_state.step_flops(cost, accum), 'lowered'
+    lowered = lowered_step_flops(config, abstract_mesh)
+    if lowered:
+      flops, source = lowered, 'lowered'
 
   compiled, backend = None, ''
   if compile:
