@@ -51,8 +51,10 @@ def point_config(dtype: str, batch: int, *, depth: int, tokens: int, modalities:
                                  num_modalities=modalities)
 
 
-def fit_line(xs: list[float], ys: list[float]) -> dict[str, float]:
-  """Least-squares y = intercept + slope·x."""
+def fit_line(xs: list[float], ys: list[float]) -> dict[str, float] | None:
+  """Least-squares y = intercept + slope·x (None for fewer than two distinct x)."""
+  if len(set(xs)) < 2:
+    return None
   slope, intercept = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
   return dict(slope_s=float(slope), intercept_s=float(intercept))
 
