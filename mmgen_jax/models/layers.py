@@ -1,7 +1,7 @@
 """Building blocks of the diffusion transformer: pure functions and small layers.
 
-Every parameter carries logical axis names (`out_sharding` metadata, set with
-`nnx.with_partitioning`); `config.sharding_rules` maps them to mesh axes. The
+Every parameter carries logical axis names (`out_sharding` metadata on its
+`nnx.Param`); `config.sharding_rules` maps them to mesh axes. The
 names used here: 'embed' (model width), 'mlp' (hidden widths), 'heads', 'kv'
 (head dim), 'vocab' (table rows / class logits), 'patch_in' (p·p·C patch
 values), 'freq' (sinusoid features); None means replicated.
