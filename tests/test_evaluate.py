@@ -1,10 +1,6 @@
 """The evaluation job with injected predictors: perfect, image-blind, and on two processes."""
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +12,7 @@ from mmgen_jax import parallel
 from mmgen_jax.data import palettes
 from mmgen_jax.data import pipeline
 from tests.conftest import SCENES_TEST_BUILD
+from tests import multiprocess
 from tests.evaluate_process import eval_config, image_predictor
 
 NUM_RECORDS = 8  # validation records of SCENES_TEST_BUILD
@@ -88,35 +85,13 @@ def test_a_constant_predictor_scores_the_image_blind_baseline(config, mesh):
   assert {k: scores[k] for k in baseline} == pytest.approx(baseline, rel=1e-6, abs=1e-9)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_score_like_one(config, mesh, scenes_data_dir, tmp_path):
   """2 processes x 2 devices read disjoint shards (each padded) and report the
   scores of one process with 4 devices."""
-  port = _free_port()
   script = os.path.join(os.path.dirname(__file__), 'evaluate_process.py')
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
-  outs = [tmp_path / f'process{i}.json' for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, script, str(i), str(port), scenes_data_dir,
-                             SCENES_TEST_BUILD, str(outs[i])], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f'process {i} failed:\n{logs[i][-3000:]}'
-  reports = [json.loads(out.read_text()) for out in outs]
+  reports = multiprocess.run_workers(script, scenes_data_dir, SCENES_TEST_BUILD, out_dir=tmp_path)
   assert [r['process_index'] for r in reports] == [0, 1]
 
   one = evaluate.evaluate_predictor(config, image_predictor, mesh)

@@ -4,7 +4,6 @@ and a SIGTERM to one of them stops both at the same step with one checkpoint."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,10 @@ import time
 import numpy as np
 import pytest
 
+from tests import multiprocess
+
 SCRIPT = os.path.join(os.path.dirname(__file__), 'tiny_task.py')
 COMPARED = 5  # steps compared with the single process
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _start(workdir, devices, num_steps, *extra):
@@ -43,7 +38,7 @@ def _result(proc, timeout=300):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process_and_stop_together_on_sigterm(tmp_path):
-  port = _free_port()
+  port = multiprocess.free_port()
   multi = tmp_path / 'multi'
   procs = [_start(multi, 2, 10**6, f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
                   f'--process_id={i}') for i in range(2)]

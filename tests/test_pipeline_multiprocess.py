@@ -1,16 +1,13 @@
 """Several processes: two JAX processes reading disjoint shards; Grain worker processes."""
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from mmgen_jax.data import pipeline
 from mmgen_jax.data import tfds_scenes
+from tests import multiprocess
 from tests.test_pipeline import assert_batches_equal, make_config, take
 
 BUILDER_CONFIG = 'res32_n24_10'  # 10 validation records: shards of 5, batches of 2 pad the last
@@ -21,39 +18,14 @@ def tiny_data_dir(scenes_data_dir):
   return scenes_data_dir
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_processes_read_disjoint_shards_covering_the_split(tmp_path):
   data_dir = tmp_path / 'tfds'
   tfds_scenes.build(BUILDER_CONFIG, data_dir)
-  port = _free_port()
   script = os.path.join(os.path.dirname(__file__), 'pipeline_process.py')
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
-  procs, outs = [], []
-  for i in range(2):
-    outs.append(tmp_path / f'process{i}.json')
-    procs.append(subprocess.Popen(
-        [sys.executable, script, str(i), str(port), str(data_dir), BUILDER_CONFIG,
-         str(outs[i])], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=120)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f'process {i} failed:\n{logs[i][-3000:]}'
-  reports = [json.loads(o.read_text()) for o in outs]
+  reports = multiprocess.run_workers(script, str(data_dir), BUILDER_CONFIG, out_dir=tmp_path,
+                                     timeout=120)
 
   assert [r['process_index'] for r in reports] == [0, 1]
   assert all(r['process_count'] == 2 for r in reports)
