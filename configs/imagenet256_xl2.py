@@ -11,20 +11,26 @@ with f32 params, fully sharded (fsdp) over every device.
 
 Where this run still differs from MMGen's (diffusion/decoupled.py lists the
 objective's differences):
-  - no REPA loss (`--proj-coeff 0.5`): the data carries no DINOv2 features, so
-    the projector is built (a converted checkpoint loads) but not trained;
   - the EMA decay warms up as min(0.9999, (1 + step) / (10 + step)); MMGen's
     is 0.9999 from the first step;
   - bf16 compute where MMGen uses fp16 autocast with TF32 matmuls.
 
 Data: a TFDS dataset `imagenet2012_mmgen` (name and config set below) that
-the user builds from ImageNet-1k plus pseudo-labels; each record needs
+the user builds from ImageNet-1k plus pseudo-labels, in MMGen's encodings
+(data/encodings.py); each record needs
 
-  image         uint8  (256, 256, 3)  centre-cropped RGB
-  depth         float32 (256, 256)    relative depth from a depth estimator
-  normal        float32 (256, 256, 3) unit camera-frame normals in [-1, 1]
-  segmentation  uint8  (256, 256)     segment ids (class-agnostic masks)
-  label         int64  scalar         ImageNet class in [0, 1000)
+  image           uint8   (256, 256, 3)  centre-cropped RGB
+  depth           uint8   (256, 256)     Depth Anything V2 disparity as MMGen's
+                                         preprocess_depth.py stores it (or float32
+                                         metric depth, converted on the fly)
+  normal          uint8   (256, 256, 3)  StableNormal's RGB as preprocess_normal.py
+                                         stores it (or float32 OpenCV-frame normals)
+  segmentation    uint8   (256, 256, 3)  preprocess_mask.py's colour map (one
+                                         segment per colour, recoloured here), or
+                                         (256, 256) segment ids
+  label           int64   scalar         ImageNet class in [0, 1000)
+  repa_features   float32 (256, 768)     DINOv2-B/14 patch tokens of the 224 px
+                                         centre crop (preprocess_dino.py)
 
 and splits `train` / `validation`. With a latent cache the codec is not run
 in the loop. Check the plan before paying for hardware (a v5p-32 slice is 16
@@ -47,11 +53,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --num-tasks=4 --is-mmcat-diff: tasks 0..3 = rgb, depth, normal, mask, and
   # --use-diff-task-weight: train.py's per-task loss weights [1.0, 0.2, 0.1, 0.1].
+  # Encodings as MMGen's preprocessing stores the pseudo-labels (docs/data_preparation.md):
   c.modalities = ml_collections.ConfigDict(dict(
       rgb=modalities.spec(0, 'rgb', 1.0, field='image'),
-      depth=modalities.spec(1, 'depth', 0.2),
-      normal=modalities.spec(2, 'normal', 0.1),
-      segmentation=modalities.spec(3, 'segmentation', 0.1),
+      # data/preprocess_depth.py: min-max 8-bit disparity; mmgen_dataset.py convert('RGB').
+      depth=modalities.spec(1, 'disparity_minmax', 0.2, channels=3),
+      # data/preprocess_normal.py: StableNormal's hubconf RGB (x right, y up, z to viewer).
+      normal=modalities.spec(2, 'stablenormal_rgb', 0.1),
+      # data/preprocess_mask.py: Semantic-SAM masks in random colours, random background.
+      segmentation=modalities.spec(3, 'random_colors', 0.1, color_seed=0),
   ))
 
   c.data.name = 'imagenet2012_mmgen'
@@ -91,6 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.objective.cond_t_max = 0.01       # --use-decouple-rand1: one condition at t = 0.01·U(0, 1)
   c.objective.cond_task_fixed = ''    # --cond-task-fixed=-1: the condition drawn per sample
   c.objective.slot_dropout = 'per_batch'  # loss.py's random task drop (on with that RGB-only ratio)
+  c.objective.repa_coeff = 0.5        # --proj-coeff=0.5 (train.py: loss + proj_coeff × proj_loss)
 
   c.optim.learning_rate = 1e-4        # --learning-rate=1e-4, constant (train.py has no schedule)
   c.optim.warmup_steps = 0

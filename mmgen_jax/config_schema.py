@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.slot_dropout = 'fixed'  # non-RGB loss dropout: 'fixed' rate | 'per_batch' (MMGen)
   c.objective.slot_dropout_prob = 0.0  # the 'fixed' rate
   c.objective.group_size = 0          # samples per MMGen process batch (0 = the whole batch)
+  # REPA: + repa_coeff × (−cos) between the projector's tokens and the batch field
+  # 'repa_features' (N, T, model.repa_z_dim), T the token grid; 0 = off.
+  c.objective.repa_coeff = 0.0
   c.objective.primary = 'rgb'         # mt_elbo: the modality that is the shared space z_0
   c.objective.num_timesteps = 1000    # mt_elbo: discrete T
   c.objective.w_max = 0.1             # mt_elbo: encoder weight schedule scale

@@ -178,6 +178,16 @@ def _check_model(config, num_devices, num_processes) -> Iterator[str]:
     yield f'config.codec.name={codec!r} is not one of {list(CODEC_DOWNSAMPLE)}.'
     return
   yield from _at_least('codec.latent_channels', config.codec.latent_channels, 1)
+  if codec == 'sd_vae':
+    try:
+      mods = modalities_lib.images(modalities_lib.from_config(config.modalities))
+    except (ValueError, KeyError):
+      mods = ()  # _check_modalities names the cause
+    for mod in mods:
+      if mod.channels != 3:
+        yield (f'{_WARN}config.modalities.{mod.name} has {mod.channels} pixel channel(s) but the '
+               "sd_vae codec encodes RGB: replicate it (e.g. 'disparity_minmax' with "
+               'channels=3) or feed precomputed latents.')
   down, res, p = CODEC_DOWNSAMPLE[codec], config.data.resolution, m.patch_size
   if res % down:
     yield (f'config.data.resolution={res} must be a multiple of {down} with '
@@ -212,6 +222,7 @@ def _check_objective(config, num_devices, num_processes) -> Iterator[str]:
   yield from _one_of('objective.prediction', o.prediction, paths.PREDICTIONS)
   for key in ('joint_prob', 'rgb_only_prob', 'slot_dropout_prob', 'cond_t_max'):
     yield from _in_range(f'objective.{key}', o[key], 0.0, 1.0)
+  yield from _check_repa(config)
   if o.name == 'decoupled':
     yield from _check_decoupled(config)
   if o.name == 'mt_elbo':
@@ -226,6 +237,23 @@ def _check_objective(config, num_devices, num_processes) -> Iterator[str]:
     if o.primary not in images:
       yield (f'config.objective.primary={o.primary!r} must name an image modality; '
              f'image modalities: {images}.')
+
+
+def _check_repa(config) -> Iterator[str]:
+  o, m, aug = config.objective, config.model, config.data.augment
+  yield from _at_least('objective.repa_coeff', o.repa_coeff, 0.0)
+  if o.repa_coeff <= 0:
+    return
+  if o.name != 'decoupled':
+    yield (f'config.objective.repa_coeff={o.repa_coeff}: the REPA loss is part of the '
+           f"'decoupled' objective only, not {o.name!r}; set repa_coeff=0.")
+  if not m.repa_encoder_depth:
+    yield (f'config.objective.repa_coeff={o.repa_coeff} needs the REPA projector: set '
+           'config.model.repa_encoder_depth (1..depth) and repa_z_dim.')
+  if aug.hflip or aug.crop_min_scale < 1.0:
+    yield (f'config.objective.repa_coeff={o.repa_coeff}: the encoder features in the records '
+           'are of the unaugmented image, so config.data.augment must be off '
+           f'(hflip={aug.hflip}, crop_min_scale={aug.crop_min_scale}; use False and 1.0).')
 
 
 def _check_decoupled(config) -> Iterator[str]:

@@ -41,6 +41,7 @@ from mmgen_jax import metrics as metrics_lib
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax import parallel
 from mmgen_jax import train_state as ts_lib
+from mmgen_jax.data import encodings
 from mmgen_jax.data import palettes
 from mmgen_jax.data import pipeline
 from mmgen_jax.data import scenes
@@ -121,7 +122,8 @@ def sampler_predictor(config: ml_collections.ConfigDict, model: Any,
 
 def _truth_field(m: modalities_lib.Modality) -> str:
   """The batch field `m` is scored against: raw depth, semantic ids, or `m` itself."""
-  return {'depth': f'{m.name}_raw', 'segmentation': f'{m.name}_ids'}.get(m.encoding, m.name)
+  return {'depth': f'{m.name}_raw', 'segmentation': f'{m.name}_ids',
+          **_ENCODED_TRUTH}.get(m.encoding, m.name).format(name=m.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +191,14 @@ def score(predicted: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray],
     if m.name not in predicted:
       continue
     p, t = predicted[m.name], truth[m.name]
+    if m.encoding in _ENCODED_TRUTH:  # MMGen's 8-bit encodings
+      scored = score_encoded(m, p, t)
+      if scored is not None:
+        scores, baselines, family, t = scored
+        gt_by_encoding[family] = t
+        results.update({f'eval/{m.name}/{k.split("/", 1)[1]}': v for k, v in scores.items()})
+        results.update({f'eval/baseline/{k}': v for k, v in baselines.items()})
+      continue
     if m.encoding == 'depth':
       t = t.reshape(t.shape[:3])
       scores = metrics_lib.depth_metrics(p[..., 0], t)
@@ -247,3 +257,41 @@ def summarize(results: dict[str, Any]) -> str:
     if k.startswith('eval/baseline/'):
       lines.append(f'{k:40s} {v:10.4f}')
   return '\n'.join(lines)
+
+
+# ---- MMGen's 8-bit encodings (data/encodings.py) ------------------------------
+
+# encoding -> the batch field its predictions are scored against.
+_ENCODED_TRUTH = {'disparity_minmax': '{name}_raw', 'stablenormal_rgb': '{name}_raw',
+                  'random_colors': '{name}_ids'}
+
+
+def score_encoded(m: modalities_lib.Modality, p: np.ndarray, t: np.ndarray
+                  ) -> tuple[dict[str, float], dict[str, float], str, np.ndarray] | None:
+  """(scores, own baselines, family, truth) of a modality in an MMGen encoding, or None.
+
+  `family` names the `_baselines` entry the truth feeds ('depth', 'normal'; the
+  class-agnostic segments have their own baseline instead). None: unscorable.
+
+  disparity_minmax: the prediction is relative disparity, aligned to 1/depth by
+    least squares and inverted (metrics.disparity_depth_metrics); records that
+    hold 8-bit disparity have no depth (NaN truth) and are not scored.
+  stablenormal_rgb: decoded to OpenCV-frame normals, then the normal metrics.
+  random_colors: colours clustered into segments (encodings.ids_from_colors),
+    scored by Hungarian-matched IoU against the segment ids; its baseline is
+    one segment covering the image.
+  """
+  if m.encoding == 'disparity_minmax':
+    t = t.reshape(t.shape[:3])
+    if not np.isfinite(t).any():
+      logging.warning('evaluate: %s holds 8-bit disparity, no depth: not scored.', m.name)
+      return None
+    return metrics_lib.disparity_depth_metrics(encodings.decode_disparity(p), t), {}, 'depth', t
+  if m.encoding == 'stablenormal_rgb':
+    return metrics_lib.normal_metrics(encodings.decode_stablenormal_rgb(p), t), {}, 'normal', t
+  if m.encoding == 'random_colors':
+    pred_ids = np.stack([encodings.ids_from_colors(x) for x in p])
+    one = metrics_lib.matched_iou_metrics(np.zeros_like(t), t)['segmentation/matched_iou']
+    return (metrics_lib.matched_iou_metrics(pred_ids, t),
+            {'segmentation/matched_iou': one}, 'random_colors', t)
+  raise ValueError(f'{m.name}: encoding {m.encoding!r} is not one of {sorted(_ENCODED_TRUTH)}.')

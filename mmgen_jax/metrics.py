@@ -159,3 +159,81 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   tr_covmean = np.sum(np.sqrt(np.maximum(inner, 0.0)))
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+
+
+# ---- relative disparity (MMGen's 'disparity_minmax' encoding) ----------------
+
+def _disparity_to_depth(pred_disparity, gt_depth, valid, max_depth_ratio):
+  """(depth, floored): the aligned depth and where its disparity was floored."""
+  _check_same_shape(pred_disparity, gt_depth, 'disparity_to_depth_least_squares')
+  gt_depth = gt_depth.astype(np.float64)
+  valid = np.isfinite(gt_depth) & (gt_depth > 0) if valid is None else valid
+  gt_disp = np.where(valid, 1.0 / np.where(valid, gt_depth, 1.0), 0.0)
+  aligned = align_depth_least_squares(pred_disparity, gt_disp, valid)
+  floor = np.stack([gt_disp[i][valid[i]].min() for i in range(len(aligned))]) / max_depth_ratio
+  floored = aligned < floor[:, None, None]
+  return 1.0 / np.where(floored, floor[:, None, None], aligned), floored
+
+
+def disparity_to_depth_least_squares(pred_disparity: np.ndarray, gt_depth: np.ndarray,
+                                     valid: np.ndarray | None = None,
+                                     max_depth_ratio: float = 100.0) -> np.ndarray:
+  """Depth from a prediction known up to an affine map of disparity (Marigold, Depth Anything).
+
+  Per image, s and b minimise |s·pred + b − 1/gt|² on valid pixels (default:
+  finite gt > 0); the depth is 1 / (s·pred + b), the aligned disparity floored
+  at the image's smallest true disparity / max_depth_ratio (a pixel aligned to
+  zero or below reads as far, not as infinite or negative).
+  pred_disparity, gt_depth: (N, H, W).
+  """
+  return _disparity_to_depth(pred_disparity, gt_depth, valid, max_depth_ratio)[0]
+
+
+def disparity_depth_metrics(pred_disparity: np.ndarray, gt_depth: np.ndarray, *,
+                            min_depth: float = 1e-3) -> dict[str, float]:
+  """`depth_metrics` of a relative-disparity prediction aligned in disparity space.
+
+  Adds the fraction of valid pixels whose aligned disparity was floored
+  (`depth/floored_frac`, see `disparity_to_depth_least_squares`).
+  """
+  _check_same_shape(pred_disparity, gt_depth, 'disparity_depth_metrics')
+  valid = np.isfinite(gt_depth) & (gt_depth > min_depth)
+  depth, floored = _disparity_to_depth(pred_disparity, gt_depth, valid, 100.0)
+  return {**depth_metrics(depth, gt_depth, align=False, min_depth=min_depth),
+          'depth/floored_frac': float(np.mean(floored[valid]))}
+
+
+# ---- class-agnostic segmentation -------------------------------------------
+
+def matched_iou(pred_ids: np.ndarray, gt_ids: np.ndarray) -> float:
+  """Mean IoU of the ground-truth segments under a one-to-one matching to predicted ones.
+
+  Segment ids carry no meaning (any permutation of the prediction's ids scores
+  the same); the matching maximising the summed IoU (Hungarian) pairs segments,
+  and each ground-truth segment scores its partner's IoU, 0 if it has none
+  (more ground-truth than predicted segments). The score is the mean over
+  ground-truth segments, each counted once whatever its size. One image: the
+  arrays hold its pixels (any equal shapes).
+  """
+  from scipy import optimize  # pylint: disable=g-import-not-at-top  (a jax dependency)
+  _check_same_shape(pred_ids, gt_ids, 'matched_iou')
+  if not gt_ids.size:
+    raise ValueError('matched_iou: empty segmentation.')
+  _, g = np.unique(gt_ids.ravel(), return_inverse=True)
+  _, p = np.unique(pred_ids.ravel(), return_inverse=True)
+  num_g, num_p = int(g.max()) + 1, int(p.max()) + 1
+  inter = np.bincount(g * num_p + p, minlength=num_g * num_p).reshape(num_g, num_p)
+  inter = inter.astype(np.float64)
+  union = inter.sum(1, keepdims=True) + inter.sum(0, keepdims=True) - inter
+  iou = inter / union
+  rows, cols = optimize.linear_sum_assignment(iou, maximize=True)
+  return float(iou[rows, cols].sum() / num_g)
+
+
+def matched_iou_metrics(pred_ids: np.ndarray, gt_ids: np.ndarray) -> dict[str, float]:
+  """`matched_iou` per image of (N, H, W) id maps, averaged over the images."""
+  _check_same_shape(pred_ids, gt_ids, 'matched_iou_metrics')
+  scores = [matched_iou(p, g) for p, g in zip(pred_ids, gt_ids)]
+  return {'segmentation/matched_iou': float(np.mean(scores)),
+          'segmentation/num_segments_pred': float(np.mean([len(np.unique(p)) for p in pred_ids])),
+          'segmentation/num_segments_gt': float(np.mean([len(np.unique(g)) for g in gt_ids]))}

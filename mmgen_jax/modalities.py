@@ -26,9 +26,22 @@ ENCODINGS: dict[str, tuple[str, int]] = {
     'normal': ('image', 3),        # float32 H×W×3 unit camera-frame normals, already in [-1, 1]
     'segmentation': ('image', 3),  # uint8 H×W ids -> palette colour map in [-1, 1]
     'label': ('class', 0),         # int scene class -> int32
+    # MMGen's released conventions (data/encodings.py says where each comes from):
+    'disparity_minmax': ('image', 1),  # depth -> 8-bit per-image min-max disparity, near = +1
+    'stablenormal_rgb': ('image', 3),  # OpenCV normals -> StableNormal's 8-bit RGB (y up, z to viewer)
+    'random_colors': ('image', 3),     # segment ids -> a random colour per segment and record
 }
 
-_SPEC_KEYS = ('slot', 'kind', 'encoding', 'loss_weight', 'field', 'palette', 'num_classes')
+# The optional batch field of frozen-encoder features per token (REPA), (B, T, z):
+# read from records that have it and passed through by the pipeline.
+REPA_FEATURES = 'repa_features'
+
+# Encodings whose pixel channel count a spec may set with `channels` (a grey map
+# replicated to RGB, as MMGen does before the SD-VAE).
+VARIABLE_CHANNELS: dict[str, tuple[int, ...]] = {'disparity_minmax': (1, 3)}
+
+_SPEC_KEYS = ('slot', 'kind', 'encoding', 'loss_weight', 'field', 'palette', 'num_classes',
+              'channels', 'color_seed')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +55,7 @@ class Modality:
   loss_weight: float
   field: str           # record field it is read from
   palette: str = ''    # segmentation palette name (see data.palettes)
+  color_seed: int = 0  # 'random_colors': colours drawn from (color_seed, record index)
 
   @property
   def is_image(self) -> bool:
@@ -78,6 +92,15 @@ def from_config(modalities_cfg: Mapping[str, Mapping[str, Any]]) -> tuple[Modali
       if channels < 2:
         raise ValueError(f'config.modalities.{name}: a class modality needs num_classes >= 2, '
                          f'got {raw.get("num_classes")!r}.')
+    if 'channels' in raw:
+      allowed = VARIABLE_CHANNELS.get(encoding, (channels,))
+      if int(raw['channels']) not in allowed:
+        raise ValueError(f'config.modalities.{name}.channels={raw["channels"]} is not allowed for '
+                         f'encoding {encoding!r}; allowed: {list(allowed)}.')
+      channels = int(raw['channels'])
+    if 'color_seed' in raw and encoding != 'random_colors':
+      raise ValueError(f'config.modalities.{name}.color_seed is only read by the '
+                       f"'random_colors' encoding, not {encoding!r}.")
     if 'slot' not in raw:
       raise ValueError(f'config.modalities.{name}: missing "slot" (its position in the model).')
     weight = float(raw.get('loss_weight', 1.0))
@@ -86,7 +109,7 @@ def from_config(modalities_cfg: Mapping[str, Mapping[str, Any]]) -> tuple[Modali
     palette = raw.get('palette', 'scenes' if encoding == 'segmentation' else '')
     out.append(Modality(name=name, slot=int(raw['slot']), kind=kind, encoding=encoding,
                         channels=channels, loss_weight=weight, field=raw.get('field', name),
-                        palette=palette))
+                        palette=palette, color_seed=int(raw.get('color_seed', 0))))
   out.sort(key=lambda m: m.slot)
   slots = [m.slot for m in out]
   if slots != list(range(len(out))):

@@ -85,6 +85,10 @@ def modality_to_rgb(array: np.ndarray, encoding: str, palette: str | np.ndarray 
   """
   del palette  # the colour map is displayed as generated
   array = np.asarray(array, np.float32)
+  if encoding in ('stablenormal_rgb', 'random_colors'):  # 8-bit RGB maps: shown as stored
+    encoding = 'rgb'
+  if encoding == 'disparity_minmax':  # +1 is near: shown on the depth colours, near bright
+    return depth_to_rgb(-array.mean(axis=-1), vmin=-1.0, vmax=1.0)
   if encoding in ('rgb', 'segmentation', 'normal'):
     if array.shape[-1:] != (3,):
       raise ValueError(f'a {encoding!r} array must end in 3 channels; got shape {array.shape}.')

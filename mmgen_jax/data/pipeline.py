@@ -13,11 +13,14 @@
 A batch is a dict of numpy arrays with the per-process batch size leading:
 
     <image modality>       float32 (B, H, W, C) in [-1, 1]
-    <depth modality>_raw   float32 (B, H, W, 1) the depth before normalisation (evaluation)
-    <seg. modality>_ids    int32 (B, H, W) semantic ids (evaluation)
+    <depth modality>_raw   float32 (B, H, W, 1) the depth before normalisation (evaluation;
+                           NaN for a record holding 8-bit disparity, which has no depth)
+    <normal modality>_raw  float32 (B, H, W, 3) OpenCV-frame unit normals ('stablenormal_rgb')
+    <seg. modality>_ids    int32 (B, H, W) semantic / segment ids (evaluation)
     <class modality>       int32 (B,)
     label                  int32 (B,) the class condition, from config.data.class_field
     intrinsics             float32 (B, 3, 3) updated for crop/flip (if the records have them)
+    repa_features          float32 (B, T, z) frozen-encoder tokens (if the records have them)
     index                  int32 (B,) record index in its split (provenance)
     valid                  bool (B,) evaluation only: False marks padding (see make_dataset)
 
@@ -44,6 +47,7 @@ import tensorflow_datasets as tfds
 
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax import parallel
+from mmgen_jax.data import encodings
 from mmgen_jax.data import palettes
 from mmgen_jax.data import tfds_scenes  # also registers the mmgen_scenes builder
 
@@ -228,8 +232,13 @@ def decode_record(record: Mapping[str, Any], mods: Sequence[Modality], *, split:
 
   rgb uint8 (H, W, 3) (decoded here if PNG bytes), depth float32 (H, W),
   normal float32 (H, W, 3) unit length, segmentation int32 ids (H, W),
-  class modalities int; plus `label` (from `class_field`), `index` and
-  `intrinsics` (if present). Raises BadRecordError naming split, index and
+  class modalities int; plus `label` (from `class_field`), `index`,
+  `intrinsics` and `repa_features` (if present). MMGen's 8-bit encodings
+  (data/encodings.py) also take the uint8 image its preprocessing stores: a
+  'disparity_minmax' uint8 (H, W) map is kept as is, a 'stablenormal_rgb' uint8
+  (H, W, 3) map becomes OpenCV-frame normals (not renormalised, so it encodes
+  back to the same bytes), a 'random_colors' uint8 (H, W, 3) colour map becomes
+  one id per colour. Raises BadRecordError naming split, index and
   field for: a missing field, an undecodable image, a wrong shape or dtype,
   non-finite depth, a zero-length or non-finite normal, a segmentation id
   outside the palette, a label out of range.
@@ -249,21 +258,35 @@ def decode_record(record: Mapping[str, Any], mods: Sequence[Modality], *, split:
     if not m.is_image:
       out[m.name] = _class_id(value, m.channels, bad)
       continue
-    x = _decode_image(value, bad) if m.encoding == 'rgb' else np.asarray(value)
+    x = _decode_image(value, bad)  # PNG bytes of any map are decoded; arrays pass through
     if hw is None:
       hw = x.shape[:2]
-    if m.encoding == 'rgb':
+    kind = encodings.family(m.encoding)
+    if m.encoding == 'disparity_minmax' and x.dtype == np.uint8:
+      x = _check_shape(x, hw, bad)  # MMGen's stored 8-bit disparity
+    elif m.encoding == 'stablenormal_rgb' and x.dtype == np.uint8:
+      x = encodings.stablenormal_to_opencv(encodings.to_model_space(_check_shape(x, hw + (3,), bad)))
+    elif m.encoding == 'random_colors' and x.dtype == np.uint8 and x.ndim == 3:
+      x = encodings.ids_from_exact_colors(_check_shape(x, hw + (3,), bad))
+      if x.max() >= encodings.MAX_SEGMENTS:
+        raise bad(f'{x.max() + 1} distinct colours; random colours hold at most '
+                  f'{encodings.MAX_SEGMENTS} segments')
+    elif kind == 'rgb':
       x = _check_shape(x, hw + (3,), bad)
       if x.dtype != np.uint8:
         raise bad(f'expected uint8 rgb, got {x.dtype}')
-    elif m.encoding == 'depth':
+    elif kind == 'depth':
       x = _check_shape(x, hw, bad).astype(np.float32)
       finite = np.isfinite(x)
       if not finite.all():
         i, j = np.argwhere(~finite)[0]
         raise bad(f'non-finite depth at {(~finite).sum()} pixels (first at row {i}, col {j}: '
                   f'{x[i, j]})')
-    elif m.encoding == 'normal':
+      if m.encoding == 'disparity_minmax' and not x.min() > 0:
+        i, j = np.argwhere(x <= 0)[0]
+        raise bad(f'depth <= 0 at {(x <= 0).sum()} pixels (first at row {i}, col {j}: '
+                  f'{x[i, j]}); disparity needs positive depth')
+    elif kind == 'normal':
       x = _check_shape(x, hw + (3,), bad).astype(np.float32)
       norm = np.linalg.norm(x, axis=-1)
       broken = ~np.isfinite(norm) | (norm < 1e-6)
@@ -272,14 +295,16 @@ def decode_record(record: Mapping[str, Any], mods: Sequence[Modality], *, split:
         raise bad(f'zero-length or non-finite normal at {broken.sum()} pixels (first at row {i}, '
                   f'col {j}: {x[i, j].tolist()})')
       x = x / norm[..., None]  # a no-op for rendered normals; pseudo-labels may drift
-    elif m.encoding == 'segmentation':
+    elif kind == 'segmentation':
       x = _check_shape(x, hw, bad)
       if not np.issubdtype(x.dtype, np.integer):
         raise bad(f'expected integer segmentation ids, got {x.dtype}')
-      num_ids = len(palettes.get(m.palette))
+      if m.encoding == 'random_colors':
+        num_ids, what = encodings.MAX_SEGMENTS, 'random colours hold'
+      else:
+        num_ids, what = len(palettes.get(m.palette)), f'palette {m.palette!r} has'
       if x.min() < 0 or x.max() >= num_ids:
-        raise bad(f'segmentation ids span [{x.min()}, {x.max()}] but palette {m.palette!r} '
-                  f'has {num_ids} colours')
+        raise bad(f'segmentation ids span [{x.min()}, {x.max()}] but {what} {num_ids} colours')
       x = x.astype(np.int32)
     out[m.name] = x
 
@@ -288,6 +313,14 @@ def decode_record(record: Mapping[str, Any], mods: Sequence[Modality], *, split:
   if 'intrinsics' in record:
     k = np.asarray(record['intrinsics'], np.float32)
     out['intrinsics'] = _check_shape(k, (3, 3), getter('intrinsics')[1])
+  if modalities_lib.REPA_FEATURES in record:
+    z, bad = getter(modalities_lib.REPA_FEATURES)
+    z = np.asarray(z)
+    if z.ndim != 2 or not np.issubdtype(z.dtype, np.floating):
+      raise bad(f'expected float (tokens, dim) features, got {z.dtype} of shape {z.shape}')
+    if not np.isfinite(z).all():
+      raise bad(f'{(~np.isfinite(z)).sum()} non-finite feature values')
+    out[modalities_lib.REPA_FEATURES] = z.astype(np.float32)
   return out
 
 
@@ -299,7 +332,7 @@ def hflip(example: Example, mods: Sequence[Modality]) -> Example:
   out = dict(example)
   for m in modalities_lib.images(mods):
     x = example[m.name][:, ::-1]
-    if m.encoding == 'normal':
+    if encodings.family(m.encoding) == 'normal':  # OpenCV-frame floats for every encoding
       x = x * np.array([-1.0, 1.0, 1.0], np.float32)  # mirrored scene: x -> -x
     out[m.name] = np.ascontiguousarray(x)
   if 'intrinsics' in example:
@@ -354,9 +387,10 @@ def crop_resize(example: Example, mods: Sequence[Modality],
   out = dict(example)
   for m in modalities_lib.images(mods):
     x = example[m.name]
-    if m.encoding == 'rgb':
+    kind = encodings.family(m.encoding)
+    if kind == 'rgb':
       out[m.name] = _bilinear(x, ys, xs)
-    elif m.encoding == 'normal':
+    elif kind == 'normal':
       n = _bilinear(x, ys, xs)
       norm = np.linalg.norm(n, axis=-1, keepdims=True)
       out[m.name] = np.where(norm > 1e-3, n / np.maximum(norm, 1e-3), _nearest(x, ys, xs))
@@ -409,10 +443,25 @@ def normalise(example: Example, mods: Sequence[Modality]) -> Example:
     elif m.encoding == 'segmentation':
       out[m.name] = palettes.colorize(x, m.palette).astype(np.float32) / 127.5 - 1.0
       out[f'{m.name}_ids'] = np.asarray(x, np.int32)
+    elif m.encoding == 'disparity_minmax':
+      out[m.name] = encodings.encode_disparity_minmax(x, m.channels)
+      # 8-bit disparity carries no depth to score against.
+      out[f'{m.name}_raw'] = (np.full(x.shape + (1,), np.nan, np.float32) if x.dtype == np.uint8
+                              else np.asarray(x, np.float32)[..., None])
+    elif m.encoding == 'stablenormal_rgb':
+      out[m.name] = encodings.encode_stablenormal_rgb(x)
+      norm = np.linalg.norm(x, axis=-1, keepdims=True)
+      out[f'{m.name}_raw'] = (x / np.maximum(norm, 1e-12)).astype(np.float32)
+    elif m.encoding == 'random_colors':
+      out[m.name] = encodings.to_model_space(
+          encodings.random_colors(x, m.color_seed, int(example['index'])))
+      out[f'{m.name}_ids'] = np.asarray(x, np.int32)
     else:  # class
       out[m.name] = np.int32(x)
   if 'intrinsics' in example:
     out['intrinsics'] = np.asarray(example['intrinsics'], np.float32)
+  if modalities_lib.REPA_FEATURES in example:
+    out[modalities_lib.REPA_FEATURES] = example[modalities_lib.REPA_FEATURES]
   if '_valid' in example:
     out['valid'] = np.bool_(example['_valid'])
   return out

@@ -39,11 +39,22 @@ in these terms. Its RGB -> X fine-tune (scripts/finetune_hypersim_rgb2x.sh,
 'rgb': every sample is conditioned on clean RGB (t = 0 exactly) and supervises
 the other modalities (configs/scenes32.py:rgb2x).
 
+REPA (`repa_coeff` > 0, MMGen's `--proj-coeff`; REPA's loss.py, which
+MMGen's loss.py repeats): the loss is diffusion loss + repa_coeff × proj_loss,
+
+  proj_loss = mean over projectors j and samples b of
+              mean over tokens t of −cos(z̃_jbt, z_jbt),
+
+z̃ the model's projector output per token (`ModelOutput.zs`, read after block
+`model.repa_encoder_depth`) and z the frozen encoder's features of the clean
+RGB image, the batch field 'repa_features' (N, T, z): DINOv2-B/14 patch
+tokens at 224 px in the release, 16×16 = 256 tokens of 768, the latent token
+grid. As in MMGen's train.py (`--use-half-projloss` off) it is taken over
+every sample whatever its mode (joint, RGB-only or conditional) and is not
+split into groups: each process's mean, averaged by DDP, is the batch mean.
+
 Read against MMGen's loss.py / train.py (jiepengwang/MMGen). Differences:
 
-* The REPA projection loss (`--proj-coeff 0.5`: negative cosine similarity of
-  the projector's tokens to DINOv2 features) is not part of this objective: the
-  data carries no encoder features.
 * MMGen masks the condition slot's loss only when RGB-only training or a fixed
   condition is on (as in all its released recipes); here it is always masked.
 * MMGen runs its per-batch dropout exactly when RGB-only training is on
@@ -90,6 +101,8 @@ def check_cfg(cfg, names: Sequence[str]) -> None:
   if cfg.group_size < 0:
     raise ValueError(f'config.objective.group_size={cfg.group_size} must be >= 0 (0: the '
                      'whole batch).')
+  if cfg.repa_coeff < 0:
+    raise ValueError(f'config.objective.repa_coeff={cfg.repa_coeff} must be >= 0 (0: no REPA).')
 
 
 def group_size(cfg, n: int) -> int:
@@ -180,6 +193,52 @@ def group_masked_mean(values, mask, g: int):
   return (values * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
 
 
+def _normalize(x, eps: float = 1e-12):
+  """x / max(|x|, eps) over the last axis (torch.nn.functional.normalize)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def repa_loss(zs_tilde: Sequence[jax.Array], zs: Sequence[jax.Array]) -> jax.Array:
+  """REPA's projection loss: the mean over projectors and samples of the token-mean −cos.
+
+  zs_tilde, zs: one (N, T, z) array per projector (predictions, frozen features).
+  Lies in [−1, 1]: −1 when every token points along its feature.
+  """
+  if len(zs_tilde) != len(zs) or not zs:
+    raise ValueError(f'{len(zs_tilde)} projector outputs for {len(zs)} feature sets; expected '
+                     'one feature set per projector (and at least one).')
+  per = []
+  for z_tilde, z in zip(zs_tilde, zs):
+    if z_tilde.shape != z.shape:
+      raise ValueError(f'projector output {z_tilde.shape} != features {z.shape}.')
+    cos = jnp.sum(_normalize(z_tilde.astype(jnp.float32)) * _normalize(z.astype(jnp.float32)), -1)
+    per.append(-cos.mean(axis=-1))  # (N,): mean over tokens
+  return jnp.mean(jnp.stack(per))
+
+
+def _repa_features(batch: Mapping[str, jax.Array], zs_tilde: Sequence[jax.Array]) -> jax.Array:
+  """The batch's features, checked against the projector output they are compared with."""
+  key = modalities_lib.REPA_FEATURES
+  if not zs_tilde:
+    raise ValueError('config.objective.repa_coeff > 0 but the model has no REPA projector: set '
+                     'config.model.repa_encoder_depth (and repa_z_dim).')
+  if len(zs_tilde) != 1:
+    raise ValueError(f'the model has {len(zs_tilde)} REPA projectors; the batch holds one '
+                     f'feature set ({key!r}).')
+  n, t, z = zs_tilde[0].shape
+  if key not in batch:
+    raise KeyError(f'config.objective.repa_coeff > 0 needs batch[{key!r}] of shape (N, T, z) = '
+                   f'({n}, {t}, {z}): the frozen encoder\'s features per token; the batch has '
+                   f'{sorted(batch)}. Add the field to the records or set repa_coeff=0.')
+  features = batch[key]
+  if features.shape != (n, t, z):
+    side = int(round(t ** 0.5))
+    raise ValueError(f'batch[{key!r}] has shape {tuple(features.shape)}; expected ({n}, {t}, {z}): '
+                     f'one feature per token of the model\'s {side}×{side} token grid, of '
+                     f'config.model.repa_z_dim={z}.')
+  return features
+
+
 def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *,
                    mods: Sequence[modalities_lib.Modality], cfg, num_classes: int,
                    class_dropout_prob: float = 0.0, use_task: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -188,7 +247,8 @@ def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *,
   `batch` holds each image modality (N, H, W, C) in model space and 'label'
   (N,) int32; `num_classes` is the null label id used for label dropout;
   use_task=False for a model without task embedding (the task is then implied
-  by the condition slot's small t only).
+  by the condition slot's small t only). With cfg.repa_coeff > 0 the batch also
+  holds 'repa_features' (N, T, z) and the REPA term is added (module docstring).
   """
   images = modalities_lib.images(mods)
   names = [m.name for m in images]
@@ -225,6 +285,11 @@ def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *,
   loss = jnp.mean(jnp.sum(losses * weights, axis=1))
 
   metrics = {'loss': loss, 'joint_fraction': modes['joint'].mean()}
+  if cfg.repa_coeff > 0:
+    proj = repa_loss(out.zs, [_repa_features(batch, out.zs)])
+    metrics.update(diffusion_loss=loss, repa_loss=proj)
+    loss = loss + cfg.repa_coeff * proj
+    metrics['loss'] = loss
   for i, name in enumerate(names):
     metrics[f'loss/{name}'] = losses[:, i].mean()
     metrics[f'supervised_fraction/{name}'] = modes['supervised'][:, i].mean()
