@@ -6,12 +6,25 @@ r"""The command line: one config, one workdir, one mode.
 Modes:
   data      build the configured dataset if it is missing, print a few batches
   train     train (resuming from <workdir>/checkpoints), grids and checkpoints on the way
-  sample    sample grids from the latest checkpoint into <workdir>/samples
+  sample    sample grids from the latest checkpoint into <workdir>/samples; with --task,
+            run a task on your own files (below)
   evaluate  the evaluation job on the latest checkpoint
   plan      parameters, FLOPs per step, memory per device; nothing is allocated.
             --plan_devices=32 --plan_device_memory_gb=95 plans for a machine you
             are not on (compiled against as many fake CPU devices)
   all       data -> train (grids at the last step) -> evaluate (the default)
+
+Inference on your own files (mmgen_jax/inference.py says more):
+  python -m mmgen_jax.main --mode=sample --config=CONFIG --workdir=WORKDIR --task=rgb_to_x \
+      --input='photos/*.png' --out=OUT [--ensemble=8] [--seed=0] [--fov=60] [--params=ema|raw]
+  --task    joint (class -> every modality; --class_id, --num_samples), rgb_to_x
+            (understanding), <modality>_to_x (that modality held as the condition), rgb_to_rgb
+            (RGB -> predicted --via map -> a new RGB with the same geometry)
+  --input   PNG, JPEG or .npy files of the task's input modality, any size (resized to the
+            model's square, outputs resized back to each input's H×W)
+  writes    OUT/<stem>/<modality>.png and .npy, grid.png, scene.ply (coloured points with
+            normals), and with --ensemble=K (rgb_to_x) <modality>_spread.png and .npy
+  Sampler, steps and guidance come from config.sample (--config.sample.num_steps=...).
 
 Data is read from (and built into) config.data.data_dir; when that is empty,
 TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets. Several processes
@@ -94,6 +107,26 @@ _PLAN_COMPILE = flags.DEFINE_bool('plan_compile', True,
                                   '--mode=plan: also compile the step for XLA\'s memory analysis '
                                   '(minutes for large models on CPU); false = analytic + lowered.')
 
+# --mode=sample --task=...: inference on the user's files (mmgen_jax/inference.py).
+_TASK = flags.DEFINE_string('task', None, '--mode=sample: joint | rgb_to_x | <modality>_to_x | '
+                            'rgb_to_rgb (unset: sample grids into <workdir>/samples).')
+_INPUT = flags.DEFINE_string('input', '', '--task: input file or glob (PNG, JPEG, .npy).')
+_OUT = flags.DEFINE_string('out', '', '--task: output directory (OUT/<input stem>/...).')
+_ENSEMBLE = flags.DEFINE_integer('ensemble', 1, '--task=rgb_to_x: samples aggregated per pixel '
+                                 '(depth median after alignment, normal mean, segmentation vote).')
+_CLASS_ID = flags.DEFINE_integer('class_id', None, '--task: class condition (default: joint '
+                                 'cycles through the classes, other tasks use the null class).')
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', None, '--task=joint: samples (default '
+                                    'config.sample.num_images).')
+_SEED = flags.DEFINE_integer('seed', None, '--task: noise seed (default config.seed).')
+_FOV = flags.DEFINE_float('fov', None, '--task: horizontal field of view in degrees for '
+                          'scene.ply (default: the scenes camera, 50, else 60).')
+_PARAMS = flags.DEFINE_enum('params', None, ['ema', 'raw'], '--task: EMA or raw weights '
+                            '(default: config.sample.use_ema).')
+_VIA = flags.DEFINE_string('via', 'depth', '--task=rgb_to_rgb: the modality the new RGB keeps.')
+_DEPTH_RANGE = flags.DEFINE_list('depth_range', ['1', '10'], '--task: NEAR,FAR the relative '
+                                 'depth a model predicts (-1..1) is mapped onto.')
+
 
 # EX_TEMPFAIL: the run stopped early on a signal, saved, and resumes when started again.
 PREEMPTED_EXIT_CODE = 75
@@ -108,6 +141,10 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value
   if mode != 'data' and not workdir:
     raise app.UsageError(f'--mode={mode} needs --workdir.')
+  if _TASK.value is not None:
+    if mode != 'sample':
+      raise app.UsageError(f'--task needs --mode=sample, not --mode={mode}.')
+    return run_task(config, workdir)
   parallel.initialize_distributed()
   config_validation.validate(config)
   logging.info('%s', config_validation.describe(config))
@@ -169,6 +206,32 @@ def write_samples(config, workdir: str) -> None:
       path = os.path.join(workdir, 'samples', f'checkpoint_{step:06d}_{name}.png')
       visualize.save_png(path, grid)
       print(path)
+
+
+def run_task(config, workdir: str) -> None:
+  """--mode=sample --task=...: a problem with the request ends the run with one line."""
+  from mmgen_jax import inference  # pylint: disable=g-import-not-at-top
+  parallel.initialize_distributed()
+  if _PARAMS.value is not None:
+    config.sample.use_ema = _PARAMS.value == 'ema'
+  try:
+    try:
+      depth_range = tuple(float(v) for v in _DEPTH_RANGE.value)
+    except ValueError as e:
+      raise inference.InferenceError(f'--depth_range={",".join(_DEPTH_RANGE.value)}: {e}') from e
+    if len(depth_range) != 2:
+      raise inference.InferenceError(f'--depth_range needs NEAR,FAR; got {_DEPTH_RANGE.value}.')
+    opts = inference.Options(
+        task=_TASK.value, inputs=_INPUT.value, out=_OUT.value, ensemble=_ENSEMBLE.value,
+        class_id=_CLASS_ID.value, num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
+        fov=_FOV.value, via=_VIA.value, depth_range=depth_range)
+    inference.check(config, opts)
+    config_validation.validate(config)
+    inference.run(config, workdir, opts)
+  except config_validation.ConfigError as e:
+    raise SystemExit(f'mmgen_jax sample: {"; ".join(e.problems)}') from e
+  except (inference.InferenceError, FileNotFoundError) as e:
+    raise SystemExit(f'mmgen_jax sample: {e}') from e
 
 
 # ---- data -----------------------------------------------------------------------------
