@@ -239,6 +239,8 @@ def resize(raw: np.ndarray, hw: tuple[int, int], encoding: str, *, smooth_depth:
   bilinear for predictions on the way out (`smooth_depth`).
   """
   hw = tuple(int(v) for v in hw)
+  if raw.shape[:2] == hw:
+    return raw.copy()  # the identity, bit for bit (no renormalisation either)
   if encoding == 'segmentation':
     return _resize_plane(raw.astype(np.float32), hw, True).astype(np.int32)
   if encoding == 'depth':
@@ -382,6 +384,20 @@ def _draw_noise(stage_key, index, member, shape, num_step_draws):
   return initial, (None if steps is None else jax.numpy.swapaxes(steps, 0, 1))
 
 
+@functools.lru_cache(maxsize=32)
+def _sample_fn(mods: tuple[Modality, ...], num_classes: int, cond_name: str | None,
+               settings: tuple[tuple[str, Any], ...]):
+  """The jitted sampler of one task and setting (cached: a jit per call would recompile)."""
+  from mmgen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
+
+  def run(model, y, cond, initial, steps):
+    condition = None if cond_name is None else {cond_name: cond}
+    return samplers.sample(model, None, mods=mods, shape=initial.shape[:3], y=y,
+                           num_classes=num_classes, condition=condition,
+                           noise=samplers.Noise(initial, steps), **dict(settings))
+  return jax.jit(run)
+
+
 class Sampler:
   """Samples rows (condition, class, noise id) in fixed-size chunks on the config's mesh."""
 
@@ -397,21 +413,10 @@ class Sampler:
     self.key = jax.random.key(int(seed), impl=config.train.rng_impl)
     self.sharding = parallel.batch_sharding(mesh, config.sharding_rules)
     self.ways = int(np.prod([mesh.shape[a] for a in _axes(self.sharding.spec)]))
-    self._jitted = {}
 
   def _fn(self, cond_name: str | None, guided: bool):
-    from mmgen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
-    if (cond_name, guided) not in self._jitted:
-      settings = dict(self.settings, cfg_scale=self.settings['cfg_scale'] if guided else 1.0)
-      mods, num_classes = self.mods, self.num_classes
-
-      def run(model, y, cond, initial, steps):
-        condition = None if cond_name is None else {cond_name: cond}
-        return samplers.sample(model, None, mods=mods, shape=initial.shape[:3], y=y,
-                               num_classes=num_classes, condition=condition,
-                               noise=samplers.Noise(initial, steps), **settings)
-      self._jitted[cond_name, guided] = jax.jit(run)
-    return self._jitted[cond_name, guided]
+    settings = dict(self.settings, cfg_scale=self.settings['cfg_scale'] if guided else 1.0)
+    return _sample_fn(self.mods, self.num_classes, cond_name, tuple(sorted(settings.items())))
 
   def chunk_size(self, rows: int) -> int:
     """config.sample.num_images rows per call (fewer if fewer rows), a multiple of the batch ways."""
