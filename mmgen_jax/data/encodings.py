@@ -204,9 +204,10 @@ def ids_from_colors(colors: np.ndarray, *, bin_size: int = 8, merge_distance: fl
   channel); bins holding at least max(1, min_fraction × H·W) pixels are
   candidates, largest first; a candidate whose mean colour lies within
   merge_distance of an accepted one joins it. Every pixel then takes the
-  nearest accepted colour, and `refine_steps` passes move each colour to the
-  mean of its pixels and reassign. Ids are numbered by accepted order (0 =
-  the most frequent colour). An exact colour map whose colours are
+  nearest accepted colour, and each of `refine_steps` passes moves every
+  colour to the mean of its pixels, merges colours that came within
+  merge_distance (noise splits a segment into a few nearby modes; they
+  converge) and reassigns. Ids are numbered heaviest colour first. An exact colour map whose colours are
   MIN_COLOR_DISTANCE apart decodes to its segments exactly.
   """
   colors = np.asarray(colors)
@@ -225,21 +226,30 @@ def ids_from_colors(colors: np.ndarray, *, bin_size: int = 8, merge_distance: fl
   order = order[counts[order] >= min_count]
   if not order.size:  # every bin below the threshold: take the fullest
     order = np.argsort(-counts, kind='stable')[:1]
-  centres: list[np.ndarray] = []
-  for b in order:
-    mean = sums[b] / counts[b]
-    if all(np.sum((mean - c) ** 2) > merge_distance ** 2 for c in centres):
-      centres.append(mean)
-      if len(centres) == max_segments:
-        break
-  c = np.stack(centres)
-  for step in range(refine_steps + 1):
-    d = (x ** 2).sum(1)[:, None] - 2.0 * x @ c.T + (c ** 2).sum(1)[None, :]
-    assign = np.argmin(d, axis=1)
-    if step == refine_steps:
-      break
+  c = _merge_close(np.stack([sums[b] / counts[b] for b in order]), counts[order],
+                   merge_distance, max_segments)
+  for _ in range(refine_steps):
+    assign = _nearest_centre(x, c)
     n = np.bincount(assign, minlength=len(c))
-    for ch in range(3):
-      s = np.bincount(assign, weights=x[:, ch], minlength=len(c))
-      c[:, ch] = np.where(n > 0, s / np.maximum(n, 1), c[:, ch])
-  return assign.reshape(h, w).astype(np.int32)
+    means = np.stack([np.bincount(assign, weights=x[:, ch], minlength=len(c)) for ch in range(3)],
+                     1) / np.maximum(n, 1)[:, None]
+    keep = n > 0
+    c = _merge_close(means[keep], n[keep], merge_distance, max_segments)
+  return _nearest_centre(x, c).reshape(h, w).astype(np.int32)
+
+
+def _nearest_centre(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+  d = (x ** 2).sum(1)[:, None] - 2.0 * x @ c.T + (c ** 2).sum(1)[None, :]
+  return np.argmin(d, axis=1)
+
+
+def _merge_close(centres: np.ndarray, weights: np.ndarray, distance: float,
+                 limit: int) -> np.ndarray:
+  """The centres, heaviest first, leaving out any within `distance` of a heavier kept one."""
+  kept: list[np.ndarray] = []
+  for i in np.argsort(-weights, kind='stable'):
+    if all(np.sum((centres[i] - k) ** 2) > distance ** 2 for k in kept):
+      kept.append(centres[i])
+      if len(kept) == limit:
+        break
+  return np.stack(kept)
