@@ -1,4 +1,4 @@
-"""The metric math: pure numpy functions, no I/O.
+"""The metric math: pure numpy functions; the only I/O reads and writes FID statistics.
 
 Conventions follow the dense-prediction literature (Marigold's evaluation):
 depth predicted up to an affine transform is aligned to the ground truth by
@@ -8,6 +8,10 @@ unit vectors; segmentation by per-class IoU over classes that occur.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+from etils import epath
 import numpy as np
 
 
@@ -159,6 +163,153 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   tr_covmean = np.sum(np.sqrt(np.maximum(inner, 0.0)))
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+
+
+# ---- generation metrics: FID from features, Inception Score, precision/recall --
+
+def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
+  """FID of two (N, D) feature sets: `frechet_distance` of their `feature_statistics`."""
+  return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+
+
+def inception_score(logits_or_probs: np.ndarray, splits: int = 10, *,
+                    inputs: str = 'auto') -> tuple[float, float]:
+  """Inception Score: per split exp(E_x KL(p(y|x) ‖ p(y))), p(y) the split's mean; (mean, std).
+
+  logits_or_probs: (N, C) class logits (softmax taken here) or probabilities;
+  `inputs` 'logits', 'probs' or 'auto' (probabilities when every row is
+  non-negative and sums to 1 within 1e-3). Split i holds rows
+  [i·N // splits, (i+1)·N // splits) and the std is over splits (ddof 0), as in
+  improved-GAN's reference code; its 10 splits of 50k images are the ADM
+  evaluator's 5000-image splits. The reference logits are the 1008-way
+  `pool3 @ W` of the FID Inception, without the fc bias.
+  """
+  x = np.asarray(logits_or_probs, np.float64)
+  if x.ndim != 2 or x.shape[1] < 2:
+    raise ValueError(f'inception_score: expected (N, C >= 2) logits or probabilities; got {x.shape}.')
+  if not 1 <= splits <= x.shape[0]:
+    raise ValueError(f'inception_score: {splits} splits of {x.shape[0]} samples; need 1 <= splits <= N.')
+  if inputs not in ('auto', 'logits', 'probs'):
+    raise ValueError(f"inception_score: inputs must be 'auto', 'logits' or 'probs'; got {inputs!r}.")
+  is_probs = bool(np.all(x >= 0) and np.allclose(x.sum(1), 1.0, atol=1e-3))
+  if inputs == 'probs' and not is_probs:
+    raise ValueError('inception_score: inputs="probs" but some rows are negative or do not sum to 1.')
+  if inputs == 'logits' or (inputs == 'auto' and not is_probs):
+    z = np.exp(x - x.max(axis=1, keepdims=True))
+    x = z / z.sum(axis=1, keepdims=True)
+  n = x.shape[0]
+  scores = []
+  for i in range(splits):
+    part = x[i * n // splits:(i + 1) * n // splits]
+    marginal = part.mean(axis=0, keepdims=True)
+    # xlogy: 0·log 0 = 0 for classes a sample (or the whole split) never predicts.
+    kl = np.sum(_xlogy(part, part) - _xlogy(part, marginal), axis=1)
+    scores.append(np.exp(kl.mean()))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+def _xlogy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """x·log(y), 0 where x == 0 (also for y == 0)."""
+  y = np.broadcast_to(y, np.broadcast_shapes(np.shape(x), np.shape(y)))
+  safe = np.where(x == 0, 1.0, y)
+  return np.where(x == 0, 0.0, x * np.log(safe))
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """(n, m) squared Euclidean distances, |a|² + |b|² − 2ab floored at 0 (as the references)."""
+  d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+  return np.maximum(d, 0.0)
+
+
+def knn_radii(features: np.ndarray, k: int = 3, *, block: int = 2048,
+              dtype: Any = np.float32) -> np.ndarray:
+  """Squared distance of every row to its k-th nearest neighbour in the same set (self excluded).
+
+  Computed in block × block pieces: each piece keeps its k+1 smallest per row
+  (the row itself, at distance 0, is one of them), so memory stays O(block²).
+  """
+  f = np.asarray(features, dtype)
+  n = f.shape[0]
+  if f.ndim != 2 or not 1 <= k < n:
+    raise ValueError(f'knn_radii: need (N, D) features with 1 <= k < N; got shape {f.shape}, k={k}.')
+  radii = np.empty(n, dtype)
+  for r0 in range(0, n, block):
+    rows = f[r0:r0 + block]
+    best = []
+    for c0 in range(0, n, block):
+      d = _squared_distances(rows, f[c0:c0 + block])
+      kk = min(k + 1, d.shape[1])
+      best.append(np.partition(d, kk - 1, axis=1)[:, :kk])
+    radii[r0:r0 + block] = np.partition(np.concatenate(best, axis=1), k, axis=1)[:, k]
+  return radii
+
+
+def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3, *,
+                     block: int = 2048, dtype: Any = np.float32) -> tuple[float, float]:
+  """Improved precision and recall (Kynkäänniemi et al. 2019); (precision, recall).
+
+  Each sample's ball reaches its k-th nearest neighbour within its own set.
+  Precision: fraction of fake samples inside at least one real ball (distance
+  <= radius); recall: fraction of real samples inside at least one fake ball.
+  Distances are squared Euclidean in `dtype` (float32 by default; the ADM
+  evaluator uses float16 on GPU), computed block × block, never as a full
+  N × M matrix.
+  """
+  real = np.asarray(real_features, dtype)
+  fake = np.asarray(fake_features, dtype)
+  if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+    raise ValueError(f'precision_recall: expected (N, D) and (M, D) features; got {real.shape} '
+                     f'and {fake.shape}.')
+  real_radii = knn_radii(real, k, block=block, dtype=dtype)
+  fake_radii = knn_radii(fake, k, block=block, dtype=dtype)
+  fake_in_real = np.zeros(len(fake), bool)
+  real_in_fake = np.zeros(len(real), bool)
+  for r0 in range(0, len(real), block):
+    for c0 in range(0, len(fake), block):
+      d = _squared_distances(real[r0:r0 + block], fake[c0:c0 + block])
+      fake_in_real[c0:c0 + block] |= np.any(d <= real_radii[r0:r0 + block, None], axis=0)
+      real_in_fake[r0:r0 + block] |= np.any(d <= fake_radii[None, c0:c0 + block], axis=1)
+  return float(fake_in_real.mean()), float(real_in_fake.mean())
+
+
+# ---- FID reference statistics files (.npz) ----------------------------------
+
+def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
+  """Writes `mu` (D,) and `sigma` (D, D) as float64 to an .npz (pytorch-fid's layout)."""
+  mu, sigma = _checked_statistics(np.asarray(mu), np.asarray(sigma), str(path))
+  with epath.Path(path).open('wb') as f:
+    np.savez(f, mu=mu, sigma=sigma)
+
+
+def load_statistics(path: str | os.PathLike, *, spatial: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) in float64 from a statistics .npz.
+
+  Reads `save_statistics` files, pytorch-fid's (`mu`, `sigma`) and the ADM
+  evaluator's reference batches (`arr_0` images plus `mu`, `sigma` and the
+  spatial `mu_s`, `sigma_s`, read with spatial=True; those spatial features are
+  TF Inception `mixed_6/conv` channels, which pytorch-fid's network does not
+  produce). An .npz holding only `arr_0` (an ADM sample batch) has images, not
+  statistics: run them through the network first.
+  """
+  names = ('mu_s', 'sigma_s') if spatial else ('mu', 'sigma')
+  with epath.Path(path).open('rb') as f, np.load(f, allow_pickle=False) as data:
+    keys = sorted(data.files)
+    if not all(n in keys for n in names):
+      hint = (' It holds only arr_0 (images or activations, as an ADM sample batch): compute '
+              'their features and statistics first.' if keys == ['arr_0'] else '')
+      raise KeyError(f'{path}: no {names[0]!r}/{names[1]!r} statistics; keys {keys}.{hint}')
+    return _checked_statistics(data[names[0]], data[names[1]], str(path))
+
+
+def _checked_statistics(mu: np.ndarray, sigma: np.ndarray, where: str
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
+    raise ValueError(f'{where}: expected mu (D,) and sigma (D, D); got {mu.shape} and {sigma.shape}.')
+  mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+  if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+    raise ValueError(f'{where}: the statistics hold non-finite values.')
+  return mu, sigma
 
 
 # ---- relative disparity (MMGen's 'disparity_minmax' encoding) ----------------
