@@ -26,6 +26,7 @@ from mmgen_jax import train
 from mmgen_jax import train_state as ts_lib
 from mmgen_jax.data import palettes
 from mmgen_jax.data import pipeline
+from mmgen_jax.diffusion import paths
 from mmgen_jax.diffusion import samplers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,9 +217,11 @@ def test_an_ensemble_of_one_is_the_single_sample(restored, files, tmp_path):
   (one,), _ = _run(restored, tmp_path / 'one', task='rgb_to_x', inputs=files['rgb'],
                    ensemble=1, seed=seed)
   cond = inference.to_model(inference.read_input(files['rgb'], rgb_m), rgb_m, 32)[None]
-  key = jax.random.fold_in(jax.random.key(seed, impl=config.train.rng_impl), 0)  # stage 0
-  initial, _ = inference._draw_noise(key, np.array([0], np.int32), np.array([0], np.int32),
-                                     (32, 32, 10), 0)
+  # The documented noise of a row: key(seed) -> stage 0 -> input 0 -> member 0 -> start draw.
+  key = jax.random.key(seed, impl=config.train.rng_impl)
+  for i in (0, 0, 0, 0):
+    key = jax.random.fold_in(key, i)
+  initial = paths.normal(key, (32, 32, 10))[None]
   settings = {**samplers.settings_from_config(config), 'cfg_scale': 1.0}
   ref = jax.jit(lambda m, c, n: samplers.sample(
       m, None, mods=modalities_lib.from_config(config.modalities), shape=(1, 32, 32),
