@@ -202,13 +202,16 @@ def ids_from_colors(colors: np.ndarray, *, bin_size: int = 8, merge_distance: fl
 
   `colors` is uint8 or model space [-1, 1]. Colours are binned (bin_size per
   channel); bins holding at least max(1, min_fraction × H·W) pixels are
-  candidates, largest first; a candidate whose mean colour lies within
-  merge_distance of an accepted one joins it. Every pixel then takes the
-  nearest accepted colour, and each of `refine_steps` passes moves every
+  candidates, fullest first, each at the mean colour of its pixels; a
+  candidate within merge_distance of an accepted colour joins it. Every pixel
+  then takes the nearest accepted colour, and each of `refine_steps` passes moves every
   colour to the mean of its pixels, merges colours that came within
   merge_distance (noise splits a segment into a few nearby modes; they
-  converge) and reassigns. Ids are numbered heaviest colour first. An exact colour map whose colours are
-  MIN_COLOR_DISTANCE apart decodes to its segments exactly.
+  converge) and reassigns. Ids are numbered heaviest colour first. An exact
+  colour map whose colours are MIN_COLOR_DISTANCE apart decodes to its segments
+  exactly (segments below the pixel threshold excepted). Noise spreads a small
+  segment over several bins, each below the threshold: at 3.8 levels of noise
+  per channel, 16-pixel segments of a 32×32 map start to be lost.
   """
   colors = np.asarray(colors)
   if colors.ndim != 3 or colors.shape[-1] != 3:
