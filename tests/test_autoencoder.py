@@ -6,7 +6,6 @@ import os
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -276,6 +275,130 @@ def test_other_config_round_trips_through_a_state_dict():
   assert np.abs(np.asarray(a['mean'][0] - a['mean'][1])).max() > 1e-3
 
 
+class _NumpyVAE:
+  """A float64 NCHW reference of diffusers' AutoencoderKL, straight from the state dict."""
+
+  def __init__(self, sd, cfg):
+    self.sd = {ae.canonical_key(k): np.asarray(v, np.float64) for k, v in sd.items()}
+    self.cfg = cfg
+
+  def conv(self, name, x, stride=1, pad=None):
+    w, b = self.sd[f'{name}.weight'], self.sd[f'{name}.bias']
+    k = w.shape[-1]
+    pad = (k // 2,) * 4 if pad is None else pad  # top, bottom, left, right
+    x = np.pad(x, ((0, 0), (0, 0), pad[:2], pad[2:]))
+    win = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
+    out = np.tensordot(win, w, axes=([1, 4, 5], [1, 2, 3]))  # (n, h, w, o)
+    return out.transpose(0, 3, 1, 2) + b[:, None, None]
+
+  def norm(self, name, x):
+    n, c, h, w = x.shape
+    g = x.reshape(n, self.cfg['norm_num_groups'], -1)
+    g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-6)
+    return (g.reshape(n, c, h, w) * self.sd[f'{name}.weight'][:, None, None]
+            + self.sd[f'{name}.bias'][:, None, None])
+
+  @staticmethod
+  def silu(x):
+    return x / (1 + np.exp(-x))
+
+  def resnet(self, p, x):
+    h = self.conv(f'{p}.conv1', self.silu(self.norm(f'{p}.norm1', x)))
+    h = self.conv(f'{p}.conv2', self.silu(self.norm(f'{p}.norm2', h)))
+    return (self.conv(f'{p}.conv_shortcut', x) if f'{p}.conv_shortcut.weight' in self.sd
+            else x) + h
+
+  def mid(self, p, x):
+    x = self.resnet(f'{p}.resnets.0', x)
+    if f'{p}.attentions.0.to_q.weight' in self.sd:
+      a = f'{p}.attentions.0'
+      n, c, h, w = x.shape
+      t = self.norm(f'{a}.group_norm', x).reshape(n, c, h * w).transpose(0, 2, 1)
+      lin = lambda name, v: v @ self.sd[f'{a}.{name}.weight'].reshape(c, c).T + self.sd[
+          f'{a}.{name}.bias']
+      q, k, v = lin('to_q', t), lin('to_k', t), lin('to_v', t)
+      s = q @ k.transpose(0, 2, 1) / np.sqrt(c)
+      s = np.exp(s - s.max(-1, keepdims=True))
+      out = lin('to_out.0', (s / s.sum(-1, keepdims=True)) @ v)
+      x = x + out.transpose(0, 2, 1).reshape(n, c, h, w)
+    return self.resnet(f'{p}.resnets.1', x)
+
+  def moments(self, x):
+    n_blocks, lpb = len(self.cfg['block_out_channels']), self.cfg['layers_per_block']
+    x = self.conv('encoder.conv_in', x)
+    for i in range(n_blocks):
+      for j in range(lpb):
+        x = self.resnet(f'encoder.down_blocks.{i}.resnets.{j}', x)
+      if i < n_blocks - 1:
+        x = self.conv(f'encoder.down_blocks.{i}.downsamplers.0.conv', x, 2, (0, 1, 0, 1))
+    x = self.mid('encoder.mid_block', x)
+    x = self.conv('encoder.conv_out', self.silu(self.norm('encoder.conv_norm_out', x)))
+    return self.conv('quant_conv', x) if 'quant_conv.weight' in self.sd else x
+
+  def decode(self, z):
+    n_blocks, lpb = len(self.cfg['block_out_channels']), self.cfg['layers_per_block']
+    if 'post_quant_conv.weight' in self.sd:
+      z = self.conv('post_quant_conv', z)
+    x = self.mid('decoder.mid_block', self.conv('decoder.conv_in', z))
+    for i in range(n_blocks):
+      for j in range(lpb + 1):
+        x = self.resnet(f'decoder.up_blocks.{i}.resnets.{j}', x)
+      if i < n_blocks - 1:
+        x = self.conv(f'decoder.up_blocks.{i}.upsamplers.0.conv', x.repeat(2, 2).repeat(2, 3))
+    return self.conv('decoder.conv_out', self.silu(self.norm('decoder.conv_norm_out', x)))
+
+
+def test_numpy_reference_matches_the_vectors(state_dict, meta, vectors):
+  """The reference below is right where diffusers' outputs are known."""
+  ref = _NumpyVAE(state_dict, meta['diffusers_config'])
+  np.testing.assert_allclose(ref.moments(vectors['inputs/image'].astype(np.float64)),
+                             vectors['outputs/moments'], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(ref.decode(vectors['outputs/latent_dist.mean'].astype(np.float64)),
+                             vectors['outputs/decoded_from_mean'], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('cfg', [
+    OTHER, dict(OTHER, mid_block_add_attention=False, use_quant_conv=False,
+                block_out_channels=[8, 8, 16])], ids=['3_blocks', 'no_attention_no_quant'])
+def test_other_config_matches_the_numpy_reference(cfg):
+  """3 blocks, 2 resnets per block, 4 groups, a 40x24 image: against the float64 reference."""
+  sd = _random_state_dict(ae.create(cfg, abstract=True), seed=2)
+  model = ae.from_diffusers(sd, cfg)
+  x = np.random.default_rng(3).uniform(-1, 1, (2, 3, 40, 24))
+  z = np.random.default_rng(4).standard_normal((2, 3, 10, 6))
+  got = _outputs(model, _nhwc(x.astype(np.float32)), _nhwc(z.astype(np.float32)))
+  ref = _NumpyVAE(sd, cfg)
+  moments = ref.moments(x)
+  np.testing.assert_allclose(_nchw(got['moments']), moments, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(_nchw(got['mean']), moments[:, :3], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(_nchw(got['decoded']), ref.decode(z), rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_eps_is_1e_6():
+  """eps matters only for nearly constant groups: there 1e-5 is a different answer."""
+  rng = np.random.default_rng(0)
+  x = 1.0 + 1e-3 * rng.standard_normal((1, 3, 5, 8))  # group variance ~1e-6
+  norm = ae.GroupNorm(8, 2, numerics=ae.Numerics(precision=jax.lax.Precision.HIGHEST),
+                      rngs=nnx.Rngs(0))
+  g = x.reshape(1, 3, 5, 2, 4)
+  want = ((g - g.mean((1, 2, 4), keepdims=True)) /
+          np.sqrt(g.var((1, 2, 4), keepdims=True) + 1e-6)).reshape(x.shape)
+  np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x, jnp.float32))), want, rtol=1e-3,
+                             atol=1e-3)
+
+
+def test_create_draws_a_random_model():
+  model = ae.create(OTHER, seed=5)
+  sd = ae.to_diffusers(model)
+  assert set(sd) == set(ae.diffusers_keys(ae.create(OTHER, abstract=True)))
+  w = sd['decoder.up_blocks.0.resnets.1.conv1.weight']  # (24, 24, 3, 3): fan_in 216
+  assert abs(w.std() * np.sqrt(216) - 1) < 0.05
+  assert np.all(sd['encoder.conv_norm_out.weight'] == 1) and np.all(sd['quant_conv.bias'] == 0)
+  again = ae.to_diffusers(ae.create(OTHER, seed=5))
+  np.testing.assert_array_equal(again['encoder.conv_in.weight'], sd['encoder.conv_in.weight'])
+
+
 # ---- errors -----------------------------------------------------------------------
 
 
@@ -398,6 +521,7 @@ def test_every_parameter_has_logical_axes_the_default_rules_know():
     assert names[-1] == 'channels', path
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (fake CPU) devices')
 def test_encode_decode_on_a_batch_sharded_over_data(tiny, vectors):
   config = base_config()

@@ -29,7 +29,6 @@ Sharding: every parameter carries logical axis names (its output channels are
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -161,8 +160,20 @@ def _as_config(config: VAEConfig | Mapping[str, Any]) -> VAEConfig:
 # ---- layers -------------------------------------------------------------------------
 
 
-def _param(rngs: nnx.Rngs, init, shape, dtype, axes) -> nnx.Param:
-  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes)
+_KERNEL_INIT = nnx.initializers.lecun_normal()
+_ZEROS, _ONES = nnx.initializers.zeros_init(), nnx.initializers.ones_init()
+
+
+def _param(rngs: nnx.Rngs | None, init, shape, dtype, axes) -> nnx.Param:
+  """A parameter with logical axis names; kernels are zeros without `rngs` (to be loaded)."""
+  if init is _KERNEL_INIT:
+    value = init(rngs.params(), shape, dtype) if rngs is not None else jnp.zeros(shape, dtype)
+  else:
+    value = init(None, shape, dtype)  # constant: no key drawn
+  # The logical names stay metadata, also under a mesh: `place_on_mesh` places
+  # the parameters by `config.sharding_rules` in one step.
+  with nnx.use_eager_sharding(False):
+    return nnx.Param(value, out_sharding=axes)
 
 
 class Conv2d(nnx.Module):
@@ -170,16 +181,16 @@ class Conv2d(nnx.Module):
 
   def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
                padding: tuple[tuple[int, int], tuple[int, int]] | None = None,
-               numerics: Numerics, rngs: nnx.Rngs):
+               numerics: Numerics, rngs: nnx.Rngs | None):
     k = kernel_size
     self.stride = stride
     # 'SAME' for odd k at stride 1 (torch padding k // 2).
     self.padding = padding if padding is not None else ((k // 2, k // 2), (k // 2, k // 2))
     self.numerics = numerics
     pd = numerics.param_dtype
-    self.kernel = _param(rngs, nnx.initializers.lecun_normal(), (k, k, in_ch, out_ch), pd,
+    self.kernel = _param(rngs, _KERNEL_INIT, (k, k, in_ch, out_ch), pd,
                          (None, None, None, CHANNELS))
-    self.bias = _param(rngs, nnx.initializers.zeros_init(), (out_ch,), pd, (CHANNELS,))
+    self.bias = _param(rngs, _ZEROS, (out_ch,), pd, (CHANNELS,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.numerics.dtype
@@ -195,12 +206,12 @@ class Linear(nnx.Module):
   """Dense layer over the channel axis (the attention's q/k/v/out projections)."""
 
   def __init__(self, in_features: int, out_features: int, *, numerics: Numerics,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs | None):
     self.numerics = numerics
     pd = numerics.param_dtype
-    self.kernel = _param(rngs, nnx.initializers.lecun_normal(), (in_features, out_features), pd,
+    self.kernel = _param(rngs, _KERNEL_INIT, (in_features, out_features), pd,
                          (None, CHANNELS))
-    self.bias = _param(rngs, nnx.initializers.zeros_init(), (out_features,), pd, (CHANNELS,))
+    self.bias = _param(rngs, _ZEROS, (out_features,), pd, (CHANNELS,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = layers.matmul('...i,io->...o', x, self.kernel[...], self.numerics)
@@ -210,14 +221,14 @@ class Linear(nnx.Module):
 class GroupNorm(nnx.Module):
   """GroupNorm over (H, W, channels of a group) with affine scale/bias; float32 statistics."""
 
-  def __init__(self, channels: int, groups: int, *, numerics: Numerics, rngs: nnx.Rngs):
+  def __init__(self, channels: int, groups: int, *, numerics: Numerics, rngs: nnx.Rngs | None):
     if channels % groups:
       raise ValueError(f'GroupNorm: {channels} channels do not split into {groups} groups.')
     self.groups = groups
     self.numerics = numerics
     pd = numerics.param_dtype
-    self.scale = _param(rngs, nnx.initializers.ones_init(), (channels,), pd, (CHANNELS,))
-    self.bias = _param(rngs, nnx.initializers.zeros_init(), (channels,), pd, (CHANNELS,))
+    self.scale = _param(rngs, _ONES, (channels,), pd, (CHANNELS,))
+    self.bias = _param(rngs, _ZEROS, (channels,), pd, (CHANNELS,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
@@ -233,7 +244,7 @@ class ResnetBlock2D(nnx.Module):
   """GN -> act -> conv3x3 -> GN -> act -> conv3x3, plus the input (1x1 conv if channels change)."""
 
   def __init__(self, in_ch: int, out_ch: int, *, groups: int, act: str, numerics: Numerics,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs | None):
     kw = dict(numerics=numerics, rngs=rngs)
     self.act = act
     self.norm1 = GroupNorm(in_ch, groups, **kw)
@@ -253,7 +264,7 @@ class ResnetBlock2D(nnx.Module):
 class Attention(nnx.Module):
   """Single-head self-attention over all H·W positions (head dim = channels), residual."""
 
-  def __init__(self, channels: int, *, groups: int, numerics: Numerics, rngs: nnx.Rngs):
+  def __init__(self, channels: int, *, groups: int, numerics: Numerics, rngs: nnx.Rngs | None):
     kw = dict(numerics=numerics, rngs=rngs)
     self.numerics = numerics
     self.group_norm = GroupNorm(channels, groups, **kw)
@@ -275,7 +286,7 @@ class Attention(nnx.Module):
 class Downsample2D(nnx.Module):
   """Zero-pad right and bottom by one, then 3x3 conv, stride 2, no other padding."""
 
-  def __init__(self, channels: int, *, numerics: Numerics, rngs: nnx.Rngs):
+  def __init__(self, channels: int, *, numerics: Numerics, rngs: nnx.Rngs | None):
     self.conv = Conv2d(channels, channels, 3, stride=2, padding=((0, 1), (0, 1)),
                        numerics=numerics, rngs=rngs)
 
@@ -286,7 +297,7 @@ class Downsample2D(nnx.Module):
 class Upsample2D(nnx.Module):
   """Nearest-neighbour x2, then 3x3 conv."""
 
-  def __init__(self, channels: int, *, numerics: Numerics, rngs: nnx.Rngs):
+  def __init__(self, channels: int, *, numerics: Numerics, rngs: nnx.Rngs | None):
     self.conv = Conv2d(channels, channels, 3, numerics=numerics, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -299,7 +310,7 @@ class EncoderBlock(nnx.Module):
   """diffusers `DownEncoderBlock2D`: resnets, then a downsampler unless last."""
 
   def __init__(self, in_ch: int, out_ch: int, num_layers: int, downsample: bool, *,
-               groups: int, act: str, numerics: Numerics, rngs: nnx.Rngs):
+               groups: int, act: str, numerics: Numerics, rngs: nnx.Rngs | None):
     kw = dict(groups=groups, act=act, numerics=numerics, rngs=rngs)
     self.resnets = nnx.List([ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, **kw)
                              for j in range(num_layers)])
@@ -316,7 +327,7 @@ class DecoderBlock(nnx.Module):
   """diffusers `UpDecoderBlock2D`: resnets, then an upsampler unless last."""
 
   def __init__(self, in_ch: int, out_ch: int, num_layers: int, upsample: bool, *,
-               groups: int, act: str, numerics: Numerics, rngs: nnx.Rngs):
+               groups: int, act: str, numerics: Numerics, rngs: nnx.Rngs | None):
     kw = dict(groups=groups, act=act, numerics=numerics, rngs=rngs)
     self.resnets = nnx.List([ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, **kw)
                              for j in range(num_layers)])
@@ -333,7 +344,7 @@ class MidBlock(nnx.Module):
   """diffusers `UNetMidBlock2D` without time embedding: resnet, [attention, resnet]."""
 
   def __init__(self, channels: int, *, attention: bool, groups: int, act: str,
-               numerics: Numerics, rngs: nnx.Rngs):
+               numerics: Numerics, rngs: nnx.Rngs | None):
     kw = dict(numerics=numerics, rngs=rngs)
     self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups=groups, act=act, **kw)
                              for _ in range(2)])
@@ -349,7 +360,7 @@ class MidBlock(nnx.Module):
 class Encoder(nnx.Module):
   """Image -> 2·latent_channels moments (before quant_conv)."""
 
-  def __init__(self, cfg: VAEConfig, *, numerics: Numerics, rngs: nnx.Rngs):
+  def __init__(self, cfg: VAEConfig, *, numerics: Numerics, rngs: nnx.Rngs | None):
     kw = dict(numerics=numerics, rngs=rngs)
     chans, g, act = cfg.block_out_channels, cfg.norm_num_groups, cfg.act_fn
     self.conv_in = Conv2d(cfg.in_channels, chans[0], 3, **kw)
@@ -372,7 +383,7 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
   """Latent (after post_quant_conv) -> image; walks block_out_channels in reverse."""
 
-  def __init__(self, cfg: VAEConfig, *, numerics: Numerics, rngs: nnx.Rngs):
+  def __init__(self, cfg: VAEConfig, *, numerics: Numerics, rngs: nnx.Rngs | None):
     kw = dict(numerics=numerics, rngs=rngs)
     chans, g, act = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups, cfg.act_fn
     self.conv_in = Conv2d(cfg.latent_channels, chans[0], 3, **kw)
@@ -398,12 +409,13 @@ class AutoencoderKL(nnx.Module):
   """diffusers `AutoencoderKL`: `encode` image -> (mean, logvar), `decode` latent -> image.
 
   Build it with `from_diffusers` / `load_diffusers_dir` (weights) or `create`
-  (random init). All inputs and outputs are NHWC.
+  (random init). All inputs and outputs are NHWC. With `rngs=None` every
+  kernel is zero: a placeholder to load weights into (cheap to trace).
   """
 
   def __init__(self, config: VAEConfig | Mapping[str, Any], *, dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, precision: str | jax.lax.Precision = 'highest',
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs | None):
     cfg = _as_config(config)
     if isinstance(precision, str):
       if precision not in _PRECISIONS:
@@ -470,20 +482,31 @@ def sample_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Arr
   return mean + jnp.exp(0.5 * logvar) * eps
 
 
-def _no_eager_sharding():
-  """Without a mesh the logical names stay metadata (`place_on_mesh` uses them later)."""
-  if jax.sharding.get_abstract_mesh().empty:
-    return nnx.use_eager_sharding(False)
-  return contextlib.nullcontext()
+def create(config: VAEConfig | Mapping[str, Any], *, seed: int = 0, abstract: bool = False,
+           **kwargs) -> AutoencoderKL:
+  """A randomly initialised model: kernels N(0, 1/fan_in), zero biases, unit norm scales.
 
-
-def create(config: VAEConfig | Mapping[str, Any], *, rngs: nnx.Rngs | None = None,
-           abstract: bool = False, **kwargs) -> AutoencoderKL:
-  """A randomly initialised model (or, `abstract`, its shapes only: no memory)."""
+  `abstract`: its shapes only (`nnx.eval_shape`, no memory). `kwargs`: dtype,
+  param_dtype, precision. The draws are numpy's (`seed`): compiling ~200
+  random-kernel draws takes JAX on CPU a minute.
+  """
   cfg = _as_config(config)
-  make = lambda: AutoencoderKL(cfg, rngs=rngs or nnx.Rngs(0), **kwargs)
-  with _no_eager_sharding():
-    return nnx.eval_shape(make) if abstract else make()
+  model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=None, **kwargs))
+  if abstract:
+    return model
+  rng = np.random.default_rng(seed)
+  graphdef, state = nnx.split(model)
+
+  def draw(path, var):
+    like = var.get_value()
+    if path[-1] == 'kernel':
+      fan_in = math.prod(like.shape[:-1])
+      value = rng.standard_normal(like.shape, np.float32) / np.float32(math.sqrt(fan_in))
+    else:
+      value = np.full(like.shape, 1.0 if path[-1] == 'scale' else 0.0, np.float32)
+    return var.replace(jnp.asarray(value, like.dtype))
+  flat = {path: draw(path, var) for path, var in nnx.to_flat_state(state)}
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 # ---- diffusers state dicts ----------------------------------------------------------
