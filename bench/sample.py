@@ -121,7 +121,8 @@ def main(argv):
 
   s = config.sample
   print(json.dumps({
-      'config': os.path.relpath(_CONFIG.value, step_timing.REPO), 'weights': _WORKDIR.value or 'fresh',
+      'config': os.path.relpath(_CONFIG.value, step_timing.REPO),
+      'weights': _WORKDIR.value or 'fresh',
       'resolution': int(config.data.resolution), 'batch': n, 'method': s.method,
       'num_steps': int(s.num_steps), 'devices': jax.device_count(),
       'platform': jax.devices()[0].platform, 'cpu_count': os.cpu_count(),

@@ -25,7 +25,8 @@ own values at its own size). Predicted depth is relative (affine-invariant,
 as the model is trained): its [-1, 1] (near to far) is mapped onto
 `depth_range` (default 1..10) in depth.npy and scene.ply.
 
-Sampling is sharded over the batch axes of the config's mesh. Every row's
+Sampling is sharded over the batch axes of the config's mesh; on several
+processes every process reads the inputs and process 0 writes the outputs. Every row's
 noise comes from (seed, stage, input index, ensemble member) alone, so a seed
 gives the same result on any device count and batch size.
 """
@@ -148,8 +149,8 @@ def _load(path: str) -> np.ndarray:
         im = im.convert('RGBA' if 'transparency' in im.info else 'RGB')
       return np.asarray(im)
   except Exception as e:  # PIL and numpy raise many kinds; the message names the file
-    raise InferenceError(f'{path}: cannot read it as {"a .npy array" if path.lower().endswith(".npy") else "an image"} '
-                         f'({type(e).__name__}: {e}).') from e
+    what = 'a .npy array' if path.lower().endswith('.npy') else 'an image'
+    raise InferenceError(f'{path}: cannot read it as {what} ({type(e).__name__}: {e}).') from e
 
 
 def _channels(x: np.ndarray) -> int:
@@ -336,8 +337,8 @@ def aggregate(members: Mapping[str, np.ndarray], images: Sequence[Modality]
       continue
     if m.encoding == 'depth':
       d = x[..., 0].astype(np.float64)
-      aligned = np.concatenate(
-          [d[:1], metrics_lib.align_depth_least_squares(d[1:], np.broadcast_to(d[:1], d[1:].shape))])
+      reference = np.broadcast_to(d[:1], d[1:].shape)
+      aligned = np.concatenate([d[:1], metrics_lib.align_depth_least_squares(d[1:], reference)])
       agg[m.name] = np.median(aligned, axis=0).astype(np.float32)[..., None]
       spread[m.name] = aligned.std(axis=0).astype(np.float32)
     elif m.encoding == 'normal':
@@ -419,7 +420,8 @@ class Sampler:
     return _sample_fn(self.mods, self.num_classes, cond_name, tuple(sorted(settings.items())))
 
   def chunk_size(self, rows: int) -> int:
-    """config.sample.num_images rows per call (fewer if fewer rows), a multiple of the batch ways."""
+    """config.sample.num_images rows per call (fewer if fewer rows), rounded up to a multiple
+    of the ways the batch is split."""
     want = max(1, min(int(self.config.sample.num_images), rows))
     return -(-want // self.ways) * self.ways
 

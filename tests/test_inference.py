@@ -113,8 +113,9 @@ def images(config):
 # ---- every task ---------------------------------------------------------------------------
 
 
-def _run(restored, out, **kw):
-  config, model, mesh = restored
+def _run(restored, out, config=None, **kw):
+  config = config or restored[0]
+  _, model, mesh = restored
   opts = inference.Options(out=str(out), **kw)
   results = inference.run_task(config, model, mesh, opts)
   dirs = [inference.write_result(opts.out, r, images(config), 50.0) for r in results]
@@ -130,6 +131,10 @@ def test_every_task_writes_every_modality_at_the_input_size(restored, files, tmp
   config = restored[0]
   given = TASK_INPUT.get(task)
   kw = dict(num_samples=2, class_id=3) if given is None else dict(inputs=files[given])
+  if given is None:  # the guided path: a class, cfg_scale > 1 (conditional and null rows)
+    config = tiny_config()
+    config.sample.cfg_scale = 2.0
+    kw['config'] = config
   results, dirs = _run(restored, tmp_path, task=task, **kw)
   assert len(results) == (2 if given is None else 1)
   hw = (32, 32) if given is None else inference.read_input(files[given], {
@@ -173,6 +178,25 @@ def test_the_rgb_file_is_written_as_its_pixels(files, restored, tmp_path):
   pixels = np.asarray(Image.open(files['rgb']))
   np.testing.assert_array_equal(np.load(os.path.join(dirs[0], 'rgb.npy')), pixels / np.float32(255))
   np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(dirs[0], 'rgb.png'))), pixels)
+
+
+def test_jpeg_16_bit_png_and_png_normals_are_read(restored, tmp_path):
+  mods = {m.name: m for m in images(restored[0])}
+  g = np.random.default_rng(2)
+  Image.fromarray(g.integers(0, 256, (9, 7, 3), dtype=np.uint8)).save(tmp_path / 'p.jpg')
+  rgb = inference.read_input(str(tmp_path / 'p.jpg'), mods['rgb'])
+  assert rgb.shape == (9, 7, 3) and rgb.dtype == np.float32 and 0 <= rgb.min() <= rgb.max() <= 1
+  mm = g.integers(0, 60000, (6, 5)).astype(np.uint16)
+  mm[0, 0] = 0  # no reading
+  Image.fromarray(mm).save(tmp_path / 'd.png')
+  depth = inference.read_input(str(tmp_path / 'd.png'), mods['depth'])
+  np.testing.assert_array_equal(depth, mm.astype(np.float32))
+  assert inference.valid_depth(depth).sum() == mm.size - 1
+  n = np.zeros((4, 4, 3), np.float32)
+  n[..., 2] = -1.0
+  Image.fromarray(np.round((n + 1) * 127.5).astype(np.uint8)).save(tmp_path / 'n.png')
+  normal = inference.read_input(str(tmp_path / 'n.png'), mods['normal'])
+  np.testing.assert_allclose(normal, n, atol=1 / 127.5)  # 8 bits: 0 is stored as 128
 
 
 def test_inputs_are_encoded_as_the_data_pipeline_encodes_records(restored):
@@ -331,7 +355,8 @@ BAD = [
     (dict(task='segmentation_to_x', inputs='{d}/ids.npy'), r'ids span \[9, 9\]; palette'),
     (dict(task='albedo_to_x', inputs='{d}/grey.png'),
      r"--task=albedo_to_x: the model has no image modality 'albedo'.*tasks: joint, rgb_to_x"),
-    (dict(task='rgb_to_rgb', via='albedo', inputs='{d}/grey.png'), r"--via=albedo: the model has no"),
+    (dict(task='rgb_to_rgb', via='albedo', inputs='{d}/grey.png'),
+     r'--via=albedo: the model has no'),
     (dict(task='joint', class_id=4), r'--class_id=4 is outside \[0, 3\]'),
     (dict(task='joint', class_id=-1), r'--class_id=-1 is outside'),
     (dict(task='joint', cfg_scale=0.5), r'cfg_scale=0.5 must be >= 1'),
@@ -340,7 +365,8 @@ BAD = [
     (dict(task='rgb_to_x', inputs='{d}/*.jpeg'), r"--input='.*\*.jpeg' matches no file"),
     (dict(task='depth_to_x', inputs='{d}/nodepth.npy', ensemble=4),
      r'--ensemble=4 applies to understanding \(--task=rgb_to_x\), not --task=depth_to_x'),
-    (dict(task='joint', inputs='{d}/grey.png'), r'--task=joint generates from a class; it reads no'),
+    (dict(task='joint', inputs='{d}/grey.png'),
+     r'--task=joint generates from a class; it reads no'),
     (dict(task='rgb_to_x', inputs='{d}/grey.png', num_samples=3), r'--num_samples applies to'),
 ]
 
