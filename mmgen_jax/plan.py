@@ -15,8 +15,8 @@ evidence, each labelled in the report:
   `--plan_devices`), whose `memory_analysis()` gives XLA's own per-device
   arguments / temporaries on that backend.
 
-The batch is in model space (latents for the sd_vae codec, as from a latent
-cache), so the codec's own cost is not part of the step.
+The batch is as the step takes it from a latent cache (posterior moments for
+the sd_vae codec), so the VAE's own cost is not part of the step.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mmgen_jax import codec as codec_lib
 from mmgen_jax import config_validation
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax import parallel
@@ -78,16 +79,25 @@ class Plan:
 
 def abstract_batch(config: ml_collections.ConfigDict, batch_size: int
                    ) -> dict[str, jax.ShapeDtypeStruct]:
-  """One batch in model space: images (B, s, s, C) float32, classes and 'label' (B,) int32."""
+  """One batch as the step takes it: images (B, s, s, C) float32 (with the sd_vae codec
+  their posterior moments '<name>_moments', (B, s, s, 2·latent)), classes and 'label'
+  (B,) int32, and 'repa_features' (B, tokens, z) float32 when the REPA loss is on."""
   s = build.model_kwargs(config)['input_size']
   latent = config.codec.name != 'identity'
   out = {'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   for m in modalities_lib.from_config(config.modalities):
     if m.is_image:
-      ch = int(config.codec.latent_channels) if latent else m.channels
-      out[m.name] = jax.ShapeDtypeStruct((batch_size, s, s, ch), jnp.float32)
+      if latent:
+        out[codec_lib.moments_field(m.name)] = jax.ShapeDtypeStruct(
+            (batch_size, s, s, 2 * int(config.codec.latent_channels)), jnp.float32)
+      else:
+        out[m.name] = jax.ShapeDtypeStruct((batch_size, s, s, m.channels), jnp.float32)
     else:
       out[m.name] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+  if config.objective.repa_coeff > 0:  # the REPA term reads one feature per token
+    tokens = (s // int(config.model.patch_size)) ** 2
+    out[modalities_lib.REPA_FEATURES] = jax.ShapeDtypeStruct(
+        (batch_size, tokens, int(config.model.repa_z_dim)), jnp.float32)
   return out
 
 

@@ -14,6 +14,7 @@ import pytest
 from mmgen_jax import config_schema
 from mmgen_jax import config_validation
 from mmgen_jax import modalities
+from mmgen_jax import plan
 from mmgen_jax.data import pipeline
 from mmgen_jax.diffusion import decoupled
 from mmgen_jax.diffusion import paths
@@ -124,12 +125,26 @@ def test_errors_name_the_field_and_the_token_grid():
 # ---- the gradient reaches the projector and the blocks before it only ----------------------
 
 
-def _model(scan_layers):
+def _tiny_config(scan_layers=True):
   c = config_schema.base_config()
   c.data.resolution = RES
   c.model.update(hidden_size=32, depth=4, num_heads=2, repa_encoder_depth=2, repa_z_dim=Z,
                  repa_projector_dim=16, scan_layers=scan_layers)
-  return build.build_model(c, rngs=nnx.Rngs(0))
+  return c
+
+
+def _model(scan_layers):
+  return build.build_model(_tiny_config(scan_layers), rngs=nnx.Rngs(0))
+
+
+def test_the_planned_batch_feeds_the_loss():
+  c = _tiny_config()
+  c.objective.repa_coeff = 0.5
+  abatch = plan.abstract_batch(c, 2)
+  assert abatch['repa_features'].shape == (2, TOKENS, Z)
+  loss_fn = decoupled.make_loss_fn(c)
+  _, metrics = jax.eval_shape(lambda b: loss_fn(_model(True), b, jax.random.key(0)), abatch)
+  assert 'repa_loss' in metrics
 
 
 def _leaf_norms(tree, prefix):
