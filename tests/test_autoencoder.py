@@ -523,14 +523,21 @@ def test_every_parameter_has_logical_axes_the_default_rules_know():
 
 @pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (fake CPU) devices')
-def test_encode_decode_on_a_batch_sharded_over_data(tiny, vectors):
+@pytest.mark.parametrize('channels_over', [None, 'tensor'], ids=['replicated', 'channels_split'])
+def test_encode_decode_on_a_batch_sharded_over_data(tiny, vectors, channels_over):
   config = base_config()
-  mesh = parallel.make_mesh(config.mesh)  # data=-1: all 8 devices on 'data'
+  if channels_over:  # parameters split on their output channels as well
+    config.mesh.tensor = 2
+    config.sharding_rules = tuple((k, channels_over if k == 'channels' else v)
+                                  for k, v in config.sharding_rules)
+  mesh = parallel.make_mesh(config.mesh)  # data=-1: the rest of the 8 devices
   x = jnp.concatenate([_nhwc(vectors['inputs/image'])] * 4)  # 8 images
   z = jnp.concatenate([_nhwc(vectors['outputs/latent_dist.mean'])] * 4)
   want = _outputs(tiny, x, z)
 
   sharded = ae.place_on_mesh(nnx.clone(tiny), mesh, config.sharding_rules)
+  kernel = sharded.encoder.conv_in.kernel.get_value()
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, channels_over)
   batch = parallel.batch_sharding(mesh, config.sharding_rules)
   xs, zs = jax.device_put(x, batch), jax.device_put(z, batch)
   with jax.set_mesh(mesh):
