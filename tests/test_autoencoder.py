@@ -407,7 +407,7 @@ def test_missing_and_unexpected_keys_are_named(state_dict, meta):
   del sd['decoder.up_blocks.1.resnets.1.conv2.bias']
   sd['encoder.down_blocks.0.resnets.0.nrom1.weight'] = sd.pop(
       'encoder.down_blocks.0.resnets.0.norm1.weight')
-  with pytest.raises(ValueError) as e:
+  with pytest.raises(KeyError) as e:
     ae.from_diffusers(sd, meta['diffusers_config'])
   msg = str(e.value)
   assert "missing key(s): decoder.up_blocks.1.resnets.1.conv2.bias, " \
@@ -429,8 +429,9 @@ def test_shape_mismatch_names_key_expected_and_got(state_dict, meta):
 
 def test_a_tensor_under_both_attention_names_is_refused(state_dict, meta):
   sd = dict(state_dict)
-  sd['encoder.mid_block.attentions.0.query.weight'] = sd['encoder.mid_block.attentions.0.to_q.weight']
-  with pytest.raises(ValueError, match=r'attentions.0.to_q.weight is given twice'):
+  attn = 'encoder.mid_block.attentions.0'
+  sd[f'{attn}.query.weight'] = sd[f'{attn}.to_q.weight']
+  with pytest.raises(ae.StateDictMismatch, match=r'attentions.0.to_q.weight is given twice'):
     ae.from_diffusers(sd, meta['diffusers_config'])
 
 

@@ -516,6 +516,13 @@ _LEGACY_ATTENTION = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn
 _LEGACY_RE = re.compile(r'^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$')
 
 
+class StateDictMismatch(ValueError, KeyError):
+  """A state dict whose keys or shapes do not fit the model (a ValueError and a KeyError)."""
+
+  def __str__(self) -> str:  # KeyError would print the message's repr
+    return str(self.args[0])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Entry:
   """One diffusers key: its NNX path, what kind of tensor it is, its torch shape."""
@@ -580,8 +587,9 @@ def check_state_dict(model: AutoencoderKL, shapes: Mapping[str, Sequence[int]]
                      ) -> dict[str, str]:
   """Checks a state dict's keys and torch shapes against `model`, one to one.
 
-  Returns model key -> the state dict's key. Raises one ValueError naming every
-  missing key, every unexpected key and every shape mismatch (expected vs got).
+  Returns model key -> the state dict's key. Raises one StateDictMismatch (a
+  ValueError) naming every missing key, every unexpected key and every shape
+  mismatch (expected vs got).
   """
   expected = diffusers_keys(model)
   given, problems = _canonicalise(shapes)
@@ -603,7 +611,7 @@ def check_state_dict(model: AutoencoderKL, shapes: Mapping[str, Sequence[int]]
       problems.append(f'{given[key]}: shape mismatch, expected {want}, got {got}')
   if problems:
     cfg = model.config
-    raise ValueError(
+    raise StateDictMismatch(
         f'state dict does not match AutoencoderKL(block_out_channels='
         f'{list(cfg.block_out_channels)}, layers_per_block={cfg.layers_per_block}, '
         f'latent_channels={cfg.latent_channels}):\n  ' + '\n  '.join(problems))
