@@ -286,3 +286,26 @@ def test_spec_checks_channels_and_seed():
     modalities.from_config({'d': modalities.spec(0, 'disparity_minmax', channels=2)})
   with pytest.raises(ValueError, match=r"color_seed is only read by the 'random_colors'"):
     modalities.from_config({'d': modalities.spec(0, 'depth', color_seed=1)})
+
+
+def _png(a):
+  import io  # pylint: disable=g-import-not-at-top
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  PIL.Image.fromarray(a).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+def test_pipeline_reads_mmgens_pngs_as_their_arrays():
+  arrays = _records(stored_uint8=True)
+  pngs = [{k: _png(v) if k in ('depth', 'normal', 'segmentation') else v for k, v in r.items()}
+          for r in arrays]
+  config = _config(_encoded_cfg())
+  a = next(pipeline.make_iterator(config, 'train', train=False, source=arrays))
+  b = next(pipeline.make_iterator(config, 'train', train=False, source=pngs))
+  for k in ('depth', 'normal', 'segmentation', 'segmentation_ids'):
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # Segment ids stored as a one-channel image are ids, not a colour map.
+  ids = [dict(r, segmentation=r['segmentation'][..., None]) for r in _records()]
+  c = next(pipeline.make_iterator(config, 'train', train=False, source=ids))
+  np.testing.assert_array_equal(c['segmentation_ids'][..., None], [r['segmentation'] for r in ids[:2]])

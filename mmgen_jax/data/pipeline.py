@@ -266,7 +266,7 @@ def decode_record(record: Mapping[str, Any], mods: Sequence[Modality], *, split:
       x = _check_shape(x, hw, bad)  # MMGen's stored 8-bit disparity
     elif m.encoding == 'stablenormal_rgb' and x.dtype == np.uint8:
       x = encodings.stablenormal_to_opencv(encodings.to_model_space(_check_shape(x, hw + (3,), bad)))
-    elif m.encoding == 'random_colors' and x.dtype == np.uint8 and x.ndim == 3:
+    elif m.encoding == 'random_colors' and x.dtype == np.uint8 and x.shape[2:] == (3,):
       x = encodings.ids_from_exact_colors(_check_shape(x, hw + (3,), bad))
       if x.max() >= encodings.MAX_SEGMENTS:
         raise bad(f'{x.max() + 1} distinct colours; random colours hold at most '
