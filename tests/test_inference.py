@@ -9,6 +9,7 @@ command line.
 import concurrent.futures
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -415,7 +416,7 @@ def test_one_and_eight_devices_write_the_same_files(workdir, files, tmp_path):
   inputs = tmp_path / 'in'
   inputs.mkdir()
   for name in ('a', 'b', 'c'):
-    os.link(files['rgb'], inputs / f'{name}.png')
+    shutil.copy(files['rgb'], inputs / f'{name}.png')
   args = [f'--workdir={workdir}', '--task=rgb_to_x', f'--input={inputs}/*.png', '--ensemble=3',
           '--config.sample.method=euler_maruyama', '--seed=7', '--params=raw']
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
