@@ -56,8 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Encodings as MMGen's preprocessing stores the pseudo-labels (docs/data_preparation.md):
   c.modalities = ml_collections.ConfigDict(dict(
       rgb=modalities.spec(0, 'rgb', 1.0, field='image'),
-      # data/preprocess_depth.py: min-max 8-bit disparity; mmgen_dataset.py convert('RGB').
-      depth=modalities.spec(1, 'disparity_minmax', 0.2, channels=3),
+      # data/preprocess_depth.py: min-max 8-bit disparity (one channel: the codec
+      # replicates it to RGB, as mmgen_dataset.py's convert('RGB') does).
+      depth=modalities.spec(1, 'disparity_minmax', 0.2),
       # data/preprocess_normal.py: StableNormal's hubconf RGB (x right, y up, z to viewer).
       normal=modalities.spec(2, 'stablenormal_rgb', 0.1),
       # data/preprocess_mask.py: Semantic-SAM masks in random colours, random background.

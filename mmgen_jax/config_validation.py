@@ -178,16 +178,6 @@ def _check_model(config, num_devices, num_processes) -> Iterator[str]:
     yield f'config.codec.name={codec!r} is not one of {list(CODEC_DOWNSAMPLE)}.'
     return
   yield from _at_least('codec.latent_channels', config.codec.latent_channels, 1)
-  if codec == 'sd_vae':
-    try:
-      mods = modalities_lib.images(modalities_lib.from_config(config.modalities))
-    except (ValueError, KeyError):
-      mods = ()  # _check_modalities names the cause
-    for mod in mods:
-      if mod.channels != 3:
-        yield (f'{_WARN}config.modalities.{mod.name} has {mod.channels} pixel channel(s) but the '
-               "sd_vae codec encodes RGB: replicate it (e.g. 'disparity_minmax' with "
-               'channels=3) or feed precomputed latents.')
   down, res, p = CODEC_DOWNSAMPLE[codec], config.data.resolution, m.patch_size
   if res % down:
     yield (f'config.data.resolution={res} must be a multiple of {down} with '

@@ -36,8 +36,9 @@ ENCODINGS: dict[str, tuple[str, int]] = {
 # read from records that have it and passed through by the pipeline.
 REPA_FEATURES = 'repa_features'
 
-# Encodings whose pixel channel count a spec may set with `channels` (a grey map
-# replicated to RGB, as MMGen does before the SD-VAE).
+# Encodings whose pixel channel count a spec may set with `channels`: a grey map
+# kept replicated to RGB in pixel space (the sd_vae codec replicates a 1-channel
+# map itself).
 VARIABLE_CHANNELS: dict[str, tuple[int, ...]] = {'disparity_minmax': (1, 3)}
 
 _SPEC_KEYS = ('slot', 'kind', 'encoding', 'loss_weight', 'field', 'palette', 'num_classes',

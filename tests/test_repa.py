@@ -246,6 +246,6 @@ def test_imagenet_config_sets_the_released_recipe():
   mods = {m.name: m for m in modalities.from_config(c.modalities)}
   assert [mods[k].encoding for k in ('rgb', 'depth', 'normal', 'segmentation')] == \
       ['rgb', 'disparity_minmax', 'stablenormal_rgb', 'random_colors']
-  assert all(m.channels == 3 for m in mods.values())  # the SD-VAE encodes RGB
+  assert mods['depth'].channels == 1  # the codec replicates it to RGB for the SD-VAE
   # 256 px / VAE 8 / patch 2 = 16×16 tokens: DINOv2-B/14 at 224 px gives the same 256.
   assert (c.data.resolution // 8 // c.model.patch_size) ** 2 == (224 // 14) ** 2

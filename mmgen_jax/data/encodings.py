@@ -7,8 +7,8 @@ read back by data/mmgen_dataset.py as RGB in [-1, 1]:
 * 'disparity_minmax' (data/preprocess_depth.py): Depth Anything V2's relative
   disparity (large = near), min-max normalised per image to [0, 1] (a constant
   map becomes 0), `round(· × 255)` as uint8, saved as a grey PNG and
-  replicated to 3 channels by `convert('RGB')` before the VAE. In [-1, 1] near
-  is +1 (bright). A metric depth record is first inverted (disparity = 1/depth).
+  replicated to 3 channels by `convert('RGB')` before the VAE (here the sd_vae
+  codec replicates a 1-channel map). In [-1, 1] near is +1 (bright). A metric depth record is first inverted (disparity = 1/depth).
 * 'stablenormal_rgb' (data/preprocess_normal.py with StableNormal's hubconf.py):
   StableNormal predicts unit normals in Marigold's camera frame, x right, y up,
   z towards the viewer (diffusers' `visualize_normals`: "default direction is
