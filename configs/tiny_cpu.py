@@ -6,6 +6,9 @@ writes one sample grid and one checkpoint at the end. It shows the whole flow
 working; it does not learn the scenes well (see configs/scenes32.py).
 
   python -m mmgen_jax.main --config=configs/tiny_cpu.py --workdir=/tmp/mmgen/tiny
+
+Variants (`--config=configs/tiny_cpu.py:<variant>`): `pixels` (default) and
+`latent` (the same flow through an SD-VAE latent space; see `_latent`).
 """
 
 import ml_collections
@@ -13,8 +16,14 @@ import ml_collections
 from mmgen_jax import config_schema
 
 
+VARIANTS = ('pixels', 'latent')
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg  # no variants
+  variant = arg or 'pixels'
+  if variant not in VARIANTS:
+    raise ValueError(f'configs/tiny_cpu.py:{variant}: unknown variant; choose one of '
+                     f'{list(VARIANTS)}.')
   c = config_schema.base_config()
   c.lock()  # a typo below is refused, naming the valid keys
 
@@ -39,4 +48,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.sample.num_steps = 20
   c.sample.num_images = 8
+  if variant == 'latent':
+    _latent(c)
   return c
+
+
+def _latent(c: ml_collections.ConfigDict) -> None:
+  """MMGen's latent recipe at toy size: every modality through an SD-architecture VAE.
+
+  32 px scenes -> 4×4×4 latents per modality (16 tokens at patch 1). The VAE is
+  a local diffusers directory: the real sd-vae-ft-mse, or a small random one of
+  the same architecture for trying the flow
+  (`python -m mmgen_jax.models.autoencoder --random --out DIR`).
+  """
+  c.codec.name = 'sd_vae'
+  c.codec.weights = ''             # --config.codec.weights=DIR (config.json + safetensors)
+  c.model.patch_size = 1

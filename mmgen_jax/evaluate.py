@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from mmgen_jax import checkpoint as checkpoint_lib
+from mmgen_jax import codec as codec_lib
 from mmgen_jax import metrics as metrics_lib
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax import parallel
@@ -106,16 +107,19 @@ def sampler_predictor(config: ml_collections.ConfigDict, model: Any,
   num_classes = int(config.data.num_classes)
   # y is the null class (no label given): guidance would mix v_null with itself.
   settings = {**samplers.settings_from_config(config), 'cfg_scale': 1.0}
+  codec = codec_lib.from_config(config, mesh)  # latents: the condition encoded, samples decoded
   sample = jax.jit(lambda m, key, y, cond: samplers.sample(
-      m, key, mods=mods, shape=cond.shape[:3], y=y, num_classes=num_classes,
-      condition={first.name: cond}, **settings))
+      m, key, mods=mods, shape=cond.shape[:3], channels=codec.model_channels(), y=y,
+      num_classes=num_classes, condition={first.name: cond}, **settings))
   key = jax.random.fold_in(jax.random.key(int(config.seed), impl=config.train.rng_impl), 3)
 
   def predict(batch: Mapping[str, jax.Array], index: int) -> Mapping[str, jax.Array]:
-    cond = batch[first.name]
-    y = np.full((cond.shape[0],), num_classes, np.int32)  # null class: no label given
+    k_sample = jax.random.fold_in(key, index)
+    k_encode = jax.random.fold_in(k_sample, 1)
+    y = np.full((batch[first.name].shape[0],), num_classes, np.int32)  # null: no label given
     with jax.set_mesh(mesh):
-      return sample(model, jax.random.fold_in(key, index), y, cond)
+      cond = codec.encode({first.name: batch[first.name]}, k_encode)[first.name]
+      return codec.decode(sample(model, k_sample, y, cond))
 
   return predict
 

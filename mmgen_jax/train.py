@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from mmgen_jax import checkpoint as checkpoint_lib
+from mmgen_jax import codec as codec_lib
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax import parallel
 from mmgen_jax import plan as plan_lib
@@ -82,8 +83,25 @@ def default_parts(config: ml_collections.ConfigDict) -> Parts:
     return pipeline.make_iterator(config, config.data.train_split, train=True,
                                   process_index=process_index, process_count=process_count)
 
-  return Parts(model_fn=model_fn, loss_fn=loss_fn, make_data_iter=make_data_iter,
-               to_global_batch=pipeline.to_global_batch, sample_fn=make_sample_fn(config))
+  if config.codec.name == 'identity':
+    return Parts(model_fn=model_fn, loss_fn=loss_fn, make_data_iter=make_data_iter,
+                 to_global_batch=pipeline.to_global_batch, sample_fn=make_sample_fn(config))
+
+  # Latents: the step draws them from posterior moments (the latent cache's, or
+  # computed here from pixel batches by the VAE placed on the step's mesh).
+  codecs = []  # one VAE, placed on the mesh of the first batch (a run has one mesh)
+
+  def codec_on(mesh):
+    if not codecs:
+      codecs.append(codec_lib.from_config(config, mesh))
+    return codecs[0]
+
+  def to_global_batch(batch, mesh, rules):
+    return codec_on(mesh).add_moments(pipeline.to_global_batch(batch, mesh, rules))
+
+  return Parts(model_fn=model_fn, loss_fn=codec_lib.wrap_loss(loss_fn, config),
+               make_data_iter=make_data_iter, to_global_batch=to_global_batch,
+               sample_fn=make_sample_fn(config, codec_on))
 
 
 def _mt_diffusion_fn(config: ml_collections.ConfigDict) -> Callable[[nnx.Rngs], nnx.Module]:
@@ -96,7 +114,7 @@ def _mt_diffusion_fn(config: ml_collections.ConfigDict) -> Callable[[nnx.Rngs], 
                                         spatial=(side, side), rngs=rngs)
 
 
-def make_sample_fn(config: ml_collections.ConfigDict
+def make_sample_fn(config: ml_collections.ConfigDict, codec_on: Callable | None = None
                    ) -> Callable[[nnx.Module, jax.Array], dict[str, np.ndarray]]:
   """Sample grids: joint generation from class labels, and understanding from RGB.
 
@@ -104,7 +122,8 @@ def make_sample_fn(config: ml_collections.ConfigDict
   as RGB, segmentation in its palette colours); tiles are enlarged to at least
   64 pixels. The RGB inputs for understanding are the first validation images,
   the same on every process; their grid shows the input, then the predictions
-  ('pred/…'), then the truths ('true/…').
+  ('pred/…'), then the truths ('true/…'). With a latent codec the samples are
+  latents, decoded for the grids (`codec_on(mesh)` shares the training run's VAE).
   """
   from mmgen_jax import visualize  # pylint: disable=g-import-not-at-top
   from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -114,6 +133,12 @@ def make_sample_fn(config: ml_collections.ConfigDict
   num_classes = int(config.data.num_classes)
   grid = functools.partial(visualize.make_grid, scale=max(1, -(-64 // res)), labels=True)
   cache = {}
+
+  def current_codec(_) -> codec_lib.Codec:  # placed on the mesh sampling runs under
+    if 'codec' not in cache:
+      mesh = jax.sharding.get_mesh()
+      cache['codec'] = codec_lib.from_config(config, None if mesh.empty else mesh)
+    return cache['codec']
 
   def held_out() -> dict[str, np.ndarray]:
     if 'batch' not in cache:
@@ -129,16 +154,18 @@ def make_sample_fn(config: ml_collections.ConfigDict
 
   def sample_decoupled(model, rng) -> dict[str, np.ndarray]:
     from mmgen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
-    kw = dict(mods=mods, shape=(n, res, res), num_classes=num_classes,
-              **samplers.settings_from_config(config))
-    k_joint, k_cond = jax.random.split(rng)
+    codec = (codec_on or current_codec)(None)
+    kw = dict(mods=mods, shape=codec.model_shape(n, res), channels=codec.model_channels(),
+              num_classes=num_classes, **samplers.settings_from_config(config))
+    k_joint, k_cond, k_enc = jax.random.split(rng, 3)
     y = np.arange(n, dtype=np.int32) % num_classes
-    grids = {'joint': grid(rows(samplers.sample(model, k_joint, y=y, **kw)))}
+    grids = {'joint': grid(rows(codec.decode(samplers.sample(model, k_joint, y=y, **kw))))}
     first = images[0].name
     if len(images) > 1:
       ref = held_out()
-      out = samplers.sample(model, k_cond, y=np.full((n,), num_classes, np.int32),
-                            condition={first: ref[first]}, **kw)
+      cond = codec.encode({first: ref[first]}, k_enc)
+      out = codec.decode(samplers.sample(model, k_cond, y=np.full((n,), num_classes, np.int32),
+                                         condition=cond, **kw))
       given = rows({first: ref[first]}, 'input/')
       truth = rows({m.name: ref[m.name] for m in images[1:]}, 'true/')
       pred = rows({m.name: out[m.name] for m in images[1:]}, 'pred/')
