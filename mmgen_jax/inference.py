@@ -192,9 +192,11 @@ def read_input(path: str, m: Modality) -> np.ndarray:
       raise InferenceError(f'{path}: no valid depth pixel (finite and > 0).')
     return x
   if m.encoding == 'normal':
+    if not npy:  # (n + 1) / 2 stored at the image's bit depth
+      if not np.issubdtype(x.dtype, np.integer):
+        raise InferenceError(f'{path}: a normal image of dtype {x.dtype}; expected 8 or 16 bits.')
+      x = x.astype(np.float32) / np.float32(np.iinfo(x.dtype).max / 2.0) - 1.0
     x = x.astype(np.float32)
-    if not npy:
-      x = x / np.float32(127.5) - 1.0 if x.max() > 1.0 else x * 2.0 - 1.0
     norm = np.linalg.norm(x, axis=-1)
     broken = ~np.isfinite(norm) | (norm < 1e-6)
     if broken.any():
