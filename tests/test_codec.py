@@ -51,9 +51,11 @@ def test_one_channel_maps_are_replicated_in_and_averaged_out():
 @pytest.fixture(scope='module')
 def tiny_vae_dir(tmp_path_factory):
   from mmgen_jax.models import autoencoder  # pylint: disable=g-import-not-at-top
-  path = tmp_path_factory.mktemp('vae')
-  autoencoder.save_diffusers_dir(autoencoder.create(TINY_VAE, seed=3), path)
-  return str(path)
+  path = str(tmp_path_factory.mktemp('vae'))
+  autoencoder.main(['--random', '--out', path, '--seed', '3'])  # the command the config names
+  vae = autoencoder.load_diffusers_dir(path)
+  assert vae.config.to_diffusers()['block_out_channels'] == TINY_VAE['block_out_channels']
+  return path
 
 
 def _latent_config(data_dir, build, vae_dir):

@@ -785,3 +785,38 @@ def place_on_mesh(model: AutoencoderKL, mesh: jax.sharding.Mesh, rules: Any) -> 
   nnx.replace_by_pure_dict(state, jax.device_put(pure, shardings))
   nnx.update(model, state)
   return model
+
+
+# ---- command line -------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """`python -m mmgen_jax.models.autoencoder --random --out DIR`: a random VAE directory.
+
+  The SD-VAE architecture (4 blocks: 8× down) with few channels, for trying the
+  latent flow without the released weights (`configs/tiny_cpu.py:latent`).
+  """
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog='python -m mmgen_jax.models.autoencoder',
+                                   description=main.__doc__.split('\n')[0])
+  parser.add_argument('--random', action='store_true', required=True,
+                      help='write a randomly initialised VAE (the only action)')
+  parser.add_argument('--out', required=True, help='diffusers directory to write')
+  parser.add_argument('--block_out_channels', default='8,8,8,8',
+                      help='channels per block; 4 blocks give the SD 8× downsampling')
+  parser.add_argument('--layers_per_block', type=int, default=1)
+  parser.add_argument('--norm_num_groups', type=int, default=4)
+  parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args(argv)
+  channels = tuple(int(c) for c in args.block_out_channels.split(','))
+  cfg = dataclasses.replace(
+      SD_VAE_FT_MSE, block_out_channels=channels, layers_per_block=args.layers_per_block,
+      norm_num_groups=args.norm_num_groups, down_block_types=('DownEncoderBlock2D',) * len(channels),
+      up_block_types=('UpDecoderBlock2D',) * len(channels))
+  save_diffusers_dir(create(cfg, seed=args.seed), args.out)
+  print(f'{args.out}: random VAE, blocks {channels}, {cfg.downsample_factor}× down, '
+        f'{cfg.latent_channels} latent channels')
+
+
+if __name__ == '__main__':
+  main()
