@@ -171,9 +171,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.t_cond = 0.005             # a held condition's time (MMGen's --t-blend-start)
   c.sample.num_images = 8
   c.sample.use_ema = True
+  # Weights for --mode=sample / evaluate: '' = the workdir's latest Orbax checkpoint; else a
+  # `.safetensors` written by `python -m mmgen_jax.models.convert` (e.g. the released MMGen
+  # checkpoint converted; its weights are used as converted, use_ema is not read).
+  c.sample.checkpoint = ''
 
   # ---- evaluation job (RGB -> the other image modalities) ---------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.num_examples = 256           # validation images scored (0 = the whole split)
+
+  # ---- generation metrics (generation_eval.py): class -> joint samples -> features ----
+  # Sampler and guidance come from config.sample.*; scores land beside the RGB -> X ones.
+  c.eval.gen = ml_collections.ConfigDict()
+  c.eval.gen.num_samples = 0          # joint samples, classes cycled (0 = off)
+  c.eval.gen.batch = 64               # global samples per sampler call (split over the mesh)
+  c.eval.gen.shard_size = 256         # samples per resumable feature file (a multiple of batch)
+  c.eval.gen.features = 'inception'   # comma list of 'inception' (FID/IS/P/R), 'scenes' (scenes FD)
+  c.eval.gen.inception_weights = ''   # FID Inception safetensors or .pth ('' = FID skipped, logged)
+  c.eval.gen.reference_stats = ''     # FID statistics .npz (pytorch-fid / ADM); '' = from the split
+  c.eval.gen.reference_split = 'train'
+  c.eval.gen.reference_num = 0        # real images in the reference (0 = the whole split)
+  c.eval.gen.is_splits = 10           # Inception Score splits
+  c.eval.gen.pr_k = 3                 # precision/recall neighbourhood size
+  c.eval.gen.scenes_features = ''     # scenes feature network dir ('' = <workdir>/scenes_features)
+  c.eval.gen.scenes_net = ml_collections.ConfigDict()  # its training (models/scenes_features.py)
+  c.eval.gen.scenes_net.widths = (16, 32, 32, 64, 128)  # conv widths; the last = feature dim
+  c.eval.gen.scenes_net.num_steps = 400
+  c.eval.gen.scenes_net.batch_size = 64
+  c.eval.gen.scenes_net.learning_rate = 2e-3
+  c.eval.gen.scenes_net.seed = 0
 
   return c
