@@ -51,6 +51,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.read_threads = 2             # threads decoding records in each process / worker
   c.data.read_buffer_size = 64        # records decoded ahead in each process / worker
   c.data.on_bad_record = 'raise'      # 'raise' | 'skip' (skipped records are counted)
+  # A directory written by `python -m mmgen_jax.data.latent_cache` (sd_vae codec):
+  # training reads the train split's posterior moments from it (augmentation off).
+  c.data.latent_cache = ''
+  c.data.latent_cache_dtype = 'float32'  # moments as written: 'float32' | 'float16'
+  c.data.repa_encoder = ''            # latent_cache's registered REPA encoder ('' = the records')
   c.data.augment = ml_collections.ConfigDict()
   c.data.augment.hflip = True
   c.data.augment.crop_min_scale = 1.0  # < 1 enables random crop + resize back

@@ -110,6 +110,7 @@ def _check_data(config, num_devices, num_processes) -> Iterator[str]:
   yield from _one_of('data.on_bad_record', d.on_bad_record, ON_BAD_RECORD)
   if not 0.0 < d.augment.crop_min_scale <= 1.0:
     yield f'config.data.augment.crop_min_scale={d.augment.crop_min_scale} must be in (0, 1].'
+  yield from _check_latent_cache(config)
   if d.name == 'mmgen_scenes':
     from mmgen_jax.data import tfds_scenes  # registers the builder; imports TFDS
     try:
@@ -120,6 +121,24 @@ def _check_data(config, num_devices, num_processes) -> Iterator[str]:
     if built != d.resolution:
       yield (f'config.data.resolution={d.resolution} but builder config '
              f'{d.builder_config!r} renders {built}×{built} scenes.')
+
+
+def _check_latent_cache(config) -> Iterator[str]:
+  d = config.data
+  yield from _one_of('data.latent_cache_dtype', d.latent_cache_dtype, ('float32', 'float16'))
+  if d.repa_encoder:
+    from mmgen_jax.data import latent_cache  # pylint: disable=g-import-not-at-top
+    yield from _one_of('data.repa_encoder', d.repa_encoder, latent_cache.repa_encoders())
+  if not d.latent_cache:
+    return
+  if config.codec.name != 'sd_vae':
+    yield (f'config.data.latent_cache={d.latent_cache!r} holds SD-VAE moments: it needs '
+           f"config.codec.name='sd_vae', not {config.codec.name!r}.")
+  if d.augment.hflip or d.augment.crop_min_scale < 1.0:
+    yield (f'config.data.latent_cache={d.latent_cache!r} holds the moments of unaugmented '
+           'images, which cannot be flipped or cropped exactly: set '
+           f'config.data.augment.hflip=False (is {d.augment.hflip}) and crop_min_scale=1.0 '
+           f'(is {d.augment.crop_min_scale}).')
 
 
 def _check_mesh(config, num_devices, num_processes) -> Iterator[str]:

@@ -10,6 +10,12 @@
     -> mp_prefetch(worker_count)         0 = in-process
     -> count skipped records             in the main process (PipelineStats)
 
+With `config.data.latent_cache` set, the train split is read from that cache
+(data/latent_cache.py): the same sharding, shuffling, batching and iterator
+state, but its records replace decode -> augment -> normalise (augmentation is
+refused) and a batch holds `<image modality>_moments` float32 (B, h, w, 2·latent),
+`label`, the class modalities, `index` and `repa_features` if cached.
+
 A batch is a dict of numpy arrays with the per-process batch size leading:
 
     <image modality>       float32 (B, H, W, C) in [-1, 1]
@@ -627,6 +633,16 @@ def make_dataset(config: Any, split: str, *, train: bool, process_index: int | N
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   batch_size = per_process_batch_size(d.global_batch_size, process_count)
+  cache = None
+  if train and d.get('latent_cache'):  # SD-VAE moments written by data/latent_cache.py
+    from mmgen_jax.data import latent_cache  # pylint: disable=g-import-not-at-top
+    if d.augment.hflip or d.augment.crop_min_scale < 1.0:
+      raise ValueError(
+          f'config.data.latent_cache={d.latent_cache!r} holds the moments of unaugmented '
+          f'images, which cannot be flipped or cropped exactly: set config.data.augment.hflip='
+          f'False and crop_min_scale=1.0 (got {d.augment.hflip}, {d.augment.crop_min_scale}).')
+    cache = latent_cache.Reader(config, split)
+    source = cache.source() if source is None else source
   source = make_source(config, split) if source is None else source
 
   ds = grain.MapDataset.source(_IndexedSource(source, split))
@@ -643,21 +659,25 @@ def make_dataset(config: Any, split: str, *, train: bool, process_index: int | N
     if len(ds) < longest:
       ds = grain.MapDataset.concatenate([ds, ds[:longest - len(ds)].map(_as_padding)])
 
-  ds = ds.map(functools.partial(
-      _decode_stage, mods=mods, split=split, class_field=d.class_field,
-      num_classes=d.num_classes, resolution=d.get('resolution'),
-      skip=d.on_bad_record == 'skip', keep_valid=not train))
-  if train and (d.augment.hflip or d.augment.crop_min_scale < 1.0):
-    if not 0.0 < d.augment.crop_min_scale <= 1.0:
-      raise ValueError(f'config.data.augment.crop_min_scale={d.augment.crop_min_scale} must '
-                       'lie in (0, 1].')
-    # The augmentation RNG is drawn from (seed, position in this process's stream),
-    # so it does not depend on the worker count.
-    aug_seed = int(np.random.SeedSequence([d.shuffle_seed, process_index]).generate_state(1)[0])
-    ds = ds.random_map(functools.partial(
-        _augment_stage, mods=mods, flip=bool(d.augment.hflip),
-        crop_min_scale=float(d.augment.crop_min_scale)), seed=aug_seed)
-  ds = ds.map(functools.partial(_normalise_stage, mods=mods))
+  if cache is not None:  # records are ready model inputs: no decode, augment, normalise
+    ds = ds.map(functools.partial(latent_cache.parse_stage, fields=cache.fields, split=split,
+                                  shards=cache, skip=d.on_bad_record == 'skip'))
+  else:
+    ds = ds.map(functools.partial(
+        _decode_stage, mods=mods, split=split, class_field=d.class_field,
+        num_classes=d.num_classes, resolution=d.get('resolution'),
+        skip=d.on_bad_record == 'skip', keep_valid=not train))
+    if train and (d.augment.hflip or d.augment.crop_min_scale < 1.0):
+      if not 0.0 < d.augment.crop_min_scale <= 1.0:
+        raise ValueError(f'config.data.augment.crop_min_scale={d.augment.crop_min_scale} must '
+                         'lie in (0, 1].')
+      # The augmentation RNG is drawn from (seed, position in this process's stream),
+      # so it does not depend on the worker count.
+      aug_seed = int(np.random.SeedSequence([d.shuffle_seed, process_index]).generate_state(1)[0])
+      ds = ds.random_map(functools.partial(
+          _augment_stage, mods=mods, flip=bool(d.augment.hflip),
+          crop_min_scale=float(d.augment.crop_min_scale)), seed=aug_seed)
+    ds = ds.map(functools.partial(_normalise_stage, mods=mods))
 
   read = grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.read_buffer_size)
   it = _FullBatches(ds.to_iter_dataset(read), batch_size, evaluation=not train)
