@@ -154,6 +154,19 @@ class Codec:
     moments = self._moments(self._vae_state, dict(images))
     return draw_latents(moments, list(images), key, self.scale)
 
+  def encode_mean(self, images: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Pixels -> posterior mean × scale: a deterministic condition (no draw).
+
+    MMGen's exp_sample.py draws the condition from the posterior; the mean is
+    that draw's expectation, and it needs no key, so the same input gives the
+    same condition on any device count.
+    """
+    if self.vae is None:
+      return dict(images)
+    moments = self._moments(self._vae_state, dict(images))
+    return {name: jnp.split(moments[moments_field(name)], 2, axis=-1)[0] * self.scale
+            for name in images}
+
   # ---- model space -> pixels -----------------------------------------------------------------
 
   def decode(self, latents: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 from absl import logging
 from clu import metric_writers
 from etils import epath
+from flax import nnx
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -48,8 +49,16 @@ from mmgen_jax.data import pipeline
 from mmgen_jax.data import scenes
 
 
-def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
-  """(model, step) from the latest checkpoint in workdir (EMA weights if config.sample.use_ema)."""
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | None):
+  """(model, step, mesh) for sampling and evaluation.
+
+  `config.sample.checkpoint` '' restores the latest checkpoint in workdir (EMA
+  weights if config.sample.use_ema); a path reads a `.safetensors` written by
+  `python -m mmgen_jax.models.convert` (the released MMGen checkpoint, say),
+  which must match the model the config builds. Converted weights carry no
+  step: it is 0. Either way every parameter is placed in its shards on the
+  config's mesh.
+  """
   from mmgen_jax import train  # pylint: disable=g-import-not-at-top
   parts = train.default_parts(config)
   mesh = parallel.make_mesh(config.mesh)
@@ -57,18 +66,51 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
                              ts_lib.make_schedule(config.optim, config.train.num_steps))
   plan = ts_lib.plan_train_state(parts.model_fn, tx, mesh, config.sharding_rules,
                                  int(config.seed), config.train.rng_impl)
+  if config.sample.checkpoint:
+    return _restore_converted(config, parts.model_fn, plan, mesh), 0, mesh
+  if not workdir:
+    raise FileNotFoundError('no weights to sample from: give --workdir (its latest checkpoint) '
+                            'or --config.sample.checkpoint=<converted .safetensors>.')
   ckpt = checkpoint_lib.Checkpointer(workdir, config, read_only=True)  # may run beside training
   try:
     restored = ckpt.restore_latest(plan.abstract, None)
   finally:
     ckpt.close()
   if restored is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first (--mode=train).')
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first (--mode=train), '
+                            'or set --config.sample.checkpoint to converted weights.')
   state, step = restored
   params = state.ema_params if config.sample.use_ema else state.params
   with jax.set_mesh(mesh):
     model = ts_lib.merge_model(plan.graphdef, params, state.model_state)
   return model, step, mesh
+
+
+def _restore_converted(config: ml_collections.ConfigDict, model_fn, plan, mesh):
+  """The model with its parameters read from config.sample.checkpoint, in their shards."""
+  from mmgen_jax.models import convert  # pylint: disable=g-import-not-at-top
+  path = config.sample.checkpoint
+  if not epath.Path(path).exists():
+    raise FileNotFoundError(f'config.sample.checkpoint={path!r}: no such file (convert the '
+                            'released checkpoint with python -m mmgen_jax.models.convert).')
+  try:
+    values = convert.read_params(path, plan.abstract.params)
+  except ValueError as e:
+    raise ValueError(f'config.sample.checkpoint: {e} (the config must size the model as '
+                     'the converted one: convert with --config=<this config>).') from e
+  # Every process holds the whole file; each device takes its shard of it.
+  params = jax.tree.map(
+      lambda v, a: jax.make_array_from_callback(v.shape, a.sharding, lambda i, v=v: v[i]),
+      values, plan.abstract.params)
+  key = jax.random.key(int(config.seed), impl=config.train.rng_impl)
+  # The non-parameter state (e.g. rng counters), created as training creates it; the
+  # parameters this init would draw are unused outputs and compiled away.
+  model_state = parallel.sharded_init(
+      lambda: ts_lib.split_model(model_fn(nnx.Rngs(key)))[2], plan.shardings.model_state, mesh)
+  logging.info('restore_for_inference: %d parameter arrays from %s', len(jax.tree.leaves(params)),
+               path)
+  with jax.set_mesh(mesh):
+    return ts_lib.merge_model(plan.graphdef, params, model_state)
 
 
 def _baselines(gt: dict[str, np.ndarray], seg_classes: int) -> dict[str, float]:
@@ -231,13 +273,20 @@ def evaluate_predictor(config: ml_collections.ConfigDict, predict: Predictor,
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Scores RGB → every other image modality on the validation split; returns the metrics."""
+  """Scores RGB → every other image modality on the validation split; returns the metrics.
+
+  With config.eval.gen.num_samples > 0, also the generation metrics (eval/gen/*,
+  generation_eval.py), in the same summaries and JSON file.
+  """
   if config.objective.name != 'decoupled':
     logging.warning('evaluate: RGB-conditioned prediction needs the decoupled objective; '
                     '%r is not evaluated.', config.objective.name)
     return {}
   model, step, mesh = restore_for_inference(config, workdir)
   results = evaluate_predictor(config, sampler_predictor(config, model, mesh), mesh)
+  if int(config.eval.gen.num_samples) > 0:  # FID / IS / precision-recall / scenes FD
+    from mmgen_jax import generation_eval  # pylint: disable=g-import-not-at-top
+    results.update(generation_eval.evaluate_generation(config, workdir, model, step, mesh))
 
   if jax.process_index() == 0:
     writer = metric_writers.create_default_writer(workdir, just_logging=False)

@@ -2,6 +2,9 @@ r"""Every task of the model on a user's own files: `--mode=sample --task=...`.
 
   python -m mmgen_jax.main --mode=sample --config=CONFIG --workdir=WORKDIR \
       --task=rgb_to_x --input='photos/*.png' --out=OUT [--ensemble=8] [--seed=0]
+  python -m mmgen_jax.main --mode=sample --config=configs/imagenet256_xl2.py \
+      --config.sample.checkpoint=xl2.safetensors --config.codec.weights=sd-vae-ft-mse/ \
+      --task=rgb_to_x --input='photos/*.jpg' --out=OUT
 
 Tasks (MMGen's decoupled timesteps: a slot held at t_cond is the condition):
 
@@ -25,6 +28,28 @@ own values at its own size). Predicted depth is relative (affine-invariant,
 as the model is trained): its [-1, 1] (near to far) is mapped onto
 `depth_range` (default 1..10) in depth.npy and scene.ply.
 
+Weights: the workdir's latest checkpoint, or converted weights
+(`--config.sample.checkpoint=xl2.safetensors`, written by
+`python -m mmgen_jax.models.convert`; no --workdir needed then).
+
+Latent models (config.codec.name='sd_vae', e.g. the released MMGen XL/2 with
+`--config.codec.weights=sd-vae-ft-mse/`): the condition is encoded by the VAE
+as its posterior mean × scale (deterministic; MMGen's exp_sample.py draws from
+the posterior), the sampled latents are decoded, then read as below at the
+model's resolution and resized to the input's H×W.
+
+MMGen's 8-bit encodings (data/encodings.py) are converted at the boundary, so
+the files are the same as above: disparity_minmax predictions are relative
+disparity (1 near, 0 far) and depth.npy holds its inverse mapped onto
+`depth_range` (disparity 1 -> near, 0 -> far; 1/depth affine in disparity);
+an 8-bit grey PNG input is MMGen's stored disparity (near bright), any other
+depth input is depth. stablenormal_rgb is StableNormal's frame (y up, z to
+the viewer) inside the model; normal files are in OpenCV's frame either way.
+random_colors: colours are clustered into segment ids (numbered largest
+first) and segmentation.png paints each id a random colour; an input is .npy
+ids or a PNG with one colour per segment; --ensemble writes the first draw
+(segments of different draws do not correspond).
+
 Sampling is sharded over the batch axes of the config's mesh; on several
 processes every process reads the inputs and process 0 writes the outputs. Every row's
 noise comes from (seed, stage, input index, ensemble member) alone, so a seed
@@ -45,10 +70,12 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from mmgen_jax import codec as codec_lib
 from mmgen_jax import metrics as metrics_lib
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax import parallel
 from mmgen_jax import visualize
+from mmgen_jax.data import encodings
 from mmgen_jax.data import palettes
 
 Modality = modalities_lib.Modality
@@ -56,7 +83,9 @@ IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 INPUT_SUFFIXES = IMAGE_SUFFIXES + ('.npy',)
 DEFAULT_FOV_DEG = 60.0         # horizontal field of view when neither --fov nor the dataset says
 DEFAULT_DEPTH_RANGE = (1.0, 10.0)
-SUPPORTED_ENCODINGS = ('rgb', 'depth', 'normal', 'segmentation')
+SUPPORTED_ENCODINGS = ('rgb', 'depth', 'normal', 'segmentation',
+                       # MMGen's 8-bit encodings (data/encodings.py), converted in and out:
+                       'disparity_minmax', 'stablenormal_rgb', 'random_colors')
 
 
 class InferenceError(ValueError):
@@ -157,15 +186,47 @@ def _channels(x: np.ndarray) -> int:
   return 1 if x.ndim == 2 else x.shape[-1]
 
 
-def read_input(path: str, m: Modality) -> np.ndarray:
+def family(m: Modality) -> str:
+  """'rgb' | 'depth' | 'normal' | 'segmentation': what the files of `m` hold."""
+  return encodings.family(m.encoding)
+
+
+def disparity_to_depth(disparity: np.ndarray, depth_range: tuple[float, float]) -> np.ndarray:
+  """Relative disparity (1 near, 0 far) -> depth on depth_range, 1/depth affine in it.
+
+  1 -> near, 0 -> far; below 0 lies beyond far, and at or below
+  -(1/far) / (1/near - 1/far) (far beyond the decoded range) the depth is +inf (invalid).
+  """
+  near, far = depth_range
+  inv = 1.0 / far + np.asarray(disparity, np.float64) * (1.0 / near - 1.0 / far)
+  return np.where(inv > 0, 1.0 / np.where(inv > 0, inv, 1.0), np.inf).astype(np.float32)
+
+
+def read_input(path: str, m: Modality,
+               depth_range: tuple[float, float] = DEFAULT_DEPTH_RANGE) -> np.ndarray:
   """The file at `path` as modality `m`'s raw array (see module docstring), or InferenceError.
 
   rgb float32 (H, W, 3) in [0, 1]; depth float32 (H, W) (invalid pixels kept as
-  given); normal float32 (H, W, 3) unit; segmentation int32 (H, W).
+  given); normal float32 (H, W, 3) unit, OpenCV frame; segmentation int32 (H, W).
+  MMGen's encodings read the same files, except: a disparity_minmax model takes
+  an 8-bit grey PNG as MMGen's stored disparity (near bright), read as depth on
+  `depth_range`; a random_colors model takes a colour PNG as one segment per
+  exact colour (ids 0..255), and .npy ids in [0, 256).
   """
   x = _load(path)
   npy = path.lower().endswith('.npy')
-  want = {'rgb': 3, 'depth': 1, 'normal': 3, 'segmentation': 1 if npy else 3}[m.encoding]
+  fam = family(m)
+  if m.encoding == 'disparity_minmax' and not npy and x.dtype == np.uint8:
+    if x.ndim == 3 and x.shape[-1] == 3 and np.array_equal(x[..., :1], x[..., 1:2]) and \
+        np.array_equal(x[..., :1], x[..., 2:]):
+      x = x[..., 0]  # MMGen's convert('RGB') copy of the grey map
+    if x.ndim == 3 and x.shape[-1] == 1:
+      x = x[..., 0]
+    if x.ndim != 2:
+      raise InferenceError(f'{path}: shape {x.shape}; an 8-bit disparity image must be grey '
+                           '(H×W).')
+    return disparity_to_depth(x.astype(np.float64) / 255.0, depth_range)
+  want = {'rgb': 3, 'depth': 1, 'normal': 3, 'segmentation': 1 if npy else 3}[fam]
   if x.ndim == 3 and x.shape[-1] == 1 and want == 1:
     x = x[..., 0]
   if x.ndim not in (2, 3) or _channels(x) != want or min(x.shape[:2]) < 1:
@@ -173,8 +234,8 @@ def read_input(path: str, m: Modality) -> np.ndarray:
             'normal': 'normals (H×W×3)',
             'segmentation': 'ids (H×W integers)' if npy else 'a palette colour image (H×W×3)'}
     raise InferenceError(f'{path}: shape {x.shape} ({_channels(x) if x.ndim in (2, 3) else "?"} '
-                         f'channel(s)); the {m.name!r} input must be {what[m.encoding]}.')
-  if m.encoding == 'rgb':
+                         f'channel(s)); the {m.name!r} input must be {what[fam]}.')
+  if fam == 'rgb':
     if x.dtype == np.uint8:
       return x.astype(np.float32) / np.float32(255.0)
     if not np.issubdtype(x.dtype, np.floating):
@@ -184,14 +245,14 @@ def read_input(path: str, m: Modality) -> np.ndarray:
       raise InferenceError(f'{path}: float rgb must lie in [0, 1]; got [{np.nanmin(x):.4g}, '
                            f'{np.nanmax(x):.4g}] (non-finite: {int((~np.isfinite(x)).sum())}).')
     return x
-  if m.encoding == 'depth':
+  if fam == 'depth':
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
       raise InferenceError(f'{path}: depth of dtype {x.dtype}; expected numbers.')
     x = x.astype(np.float32)
     if not valid_depth(x).any():
       raise InferenceError(f'{path}: no valid depth pixel (finite and > 0).')
     return x
-  if m.encoding == 'normal':
+  if fam == 'normal':
     if not npy:  # (n + 1) / 2 stored at the image's bit depth
       if not np.issubdtype(x.dtype, np.integer):
         raise InferenceError(f'{path}: a normal image of dtype {x.dtype}; expected 8 or 16 bits.')
@@ -205,14 +266,27 @@ def read_input(path: str, m: Modality) -> np.ndarray:
                            f'pixel(s) (first at row {i}, col {j}).')
     return x / norm[..., None]
   # segmentation
-  num_ids = len(palettes.get(m.palette))
+  if m.encoding == 'random_colors':
+    num_ids = encodings.MAX_SEGMENTS
+    if not npy:
+      if x.dtype != np.uint8:
+        raise InferenceError(f'{path}: a segment colour image of dtype {x.dtype}; expected 8 bits.')
+      x = encodings.ids_from_exact_colors(x)
+      if x.max() >= num_ids:
+        raise InferenceError(f'{path}: {x.max() + 1} distinct colours; random colours hold at '
+                             f'most {num_ids} segments.')
+      return x
+  else:
+    num_ids = len(palettes.get(m.palette))
   if not npy:
     return palettes.ids_from_colors(x.astype(np.uint8) if x.dtype == np.uint8 else x, m.palette)
   if not np.issubdtype(x.dtype, np.integer):
     raise InferenceError(f'{path}: segmentation of dtype {x.dtype}; expected integer ids.')
   if x.min() < 0 or x.max() >= num_ids:
-    raise InferenceError(f'{path}: segmentation ids span [{x.min()}, {x.max()}]; palette '
-                         f'{m.palette!r} has ids 0..{num_ids - 1}.')
+    raise InferenceError(f'{path}: segmentation ids span [{x.min()}, {x.max()}]; '
+                         + (f'random colours take ids 0..{num_ids - 1}.'
+                            if m.encoding == 'random_colors' else
+                            f'palette {m.palette!r} has ids 0..{num_ids - 1}.'))
   return x.astype(np.int32)
 
 
@@ -234,7 +308,7 @@ def _resize_plane(x: np.ndarray, hw: tuple[int, int], nearest: bool) -> np.ndarr
 
 def resize(raw: np.ndarray, hw: tuple[int, int], encoding: str, *, smooth_depth: bool = False
            ) -> np.ndarray:
-  """A raw map to (H, W) = hw, the filter chosen per encoding.
+  """A raw map to (H, W) = hw, the filter chosen per encoding family (`family`).
 
   rgb and normals bilinear (normals renormalised, nearest where neighbours
   cancel), segmentation nearest (ids never blend), depth nearest on the way in
@@ -279,6 +353,23 @@ def encode(raw: np.ndarray, m: Modality) -> np.ndarray:
     return raw.astype(np.float32)
   if m.encoding == 'segmentation':
     return palettes.colorize(raw, m.palette).astype(np.float32) / np.float32(127.5) - 1.0
+  # MMGen's 8-bit encodings, quantised as its preprocessing stores them (data/encodings.py).
+  if m.encoding == 'disparity_minmax':
+    d = raw.astype(np.float64)
+    valid = valid_depth(d)
+    if not valid.any():
+      raise InferenceError(f'the {m.name!r} map has no valid pixel (finite and > 0) at the '
+                           'model resolution.')
+    disparity = np.where(valid, 1.0 / np.where(valid, d, 1.0), 0.0)
+    # Invalid pixels are shown as the farthest, as for 'depth'.
+    disparity = np.where(valid, disparity, disparity[valid].min())
+    u8 = encodings.disparity_minmax_u8(disparity)
+    return np.repeat(encodings.to_model_space(u8)[..., None], m.channels, axis=-1)
+  if m.encoding == 'stablenormal_rgb':
+    return encodings.encode_stablenormal_rgb(raw)
+  if m.encoding == 'random_colors':
+    # Record index 0: a file's colours do not depend on the other inputs.
+    return encodings.to_model_space(encodings.random_colors(raw, m.color_seed, 0))
   raise InferenceError(f'modality {m.name!r} has encoding {m.encoding!r}, which has no image form.')
 
 
@@ -288,7 +379,11 @@ def decode(x: np.ndarray, m: Modality, depth_range: tuple[float, float]) -> np.n
   rgb is saturated to [0, 1] (samples overshoot a little); depth, known only up
   to scale and shift, maps -1..1 onto depth_range (values beyond stay beyond:
   nothing is clipped); normals are made unit length; colours become the
-  nearest palette ids.
+  nearest palette ids. MMGen's encodings: disparity_minmax is relative
+  disparity (1 near, 0 far) whose inverse is mapped onto depth_range
+  (`disparity_to_depth`); stablenormal_rgb is turned from StableNormal's frame
+  into OpenCV's; random_colors are clustered into segment ids
+  (encodings.ids_from_colors, numbered largest first).
   """
   x = np.asarray(x, np.float32)
   if m.encoding == 'rgb':
@@ -301,16 +396,22 @@ def decode(x: np.ndarray, m: Modality, depth_range: tuple[float, float]) -> np.n
     return np.where(norm > 0, x / np.where(norm > 0, norm, 1.0), 0.0).astype(np.float32)
   if m.encoding == 'segmentation':
     return palettes.ids_from_colors(x, m.palette)
+  if m.encoding == 'disparity_minmax':  # relative disparity, near = 1, inverted onto depth_range
+    return disparity_to_depth(encodings.decode_disparity(x), depth_range)
+  if m.encoding == 'stablenormal_rgb':  # StableNormal's frame back to OpenCV's
+    return encodings.decode_stablenormal_rgb(x)
+  if m.encoding == 'random_colors':     # colours clustered into segments
+    return encodings.ids_from_colors(x)
   raise InferenceError(f'modality {m.name!r} has encoding {m.encoding!r}, which has no image form.')
 
 
 def to_model(raw: np.ndarray, m: Modality, resolution: int) -> np.ndarray:
-  return encode(resize(raw, (resolution, resolution), m.encoding), m)
+  return encode(resize(raw, (resolution, resolution), family(m)), m)
 
 
 def to_output(x: np.ndarray, m: Modality, hw: tuple[int, int],
               depth_range: tuple[float, float]) -> np.ndarray:
-  return resize(decode(x, m, depth_range), hw, m.encoding, smooth_depth=True)
+  return resize(decode(x, m, depth_range), hw, family(m), smooth_depth=True)
 
 
 # ---- ensembles --------------------------------------------------------------------------
@@ -327,23 +428,29 @@ def aggregate(members: Mapping[str, np.ndarray], images: Sequence[Modality]
   per-pixel majority id (ties to the lower id); spread = 1 - the majority's
   share. Other modalities (the held condition) pass as member 0. One member is
   returned as it is (spread 0), so an ensemble of one is the single sample.
+  MMGen's encodings: disparity_minmax as depth (disparity is also known up to
+  scale and shift), stablenormal_rgb as normals (its frame differs by a
+  rotation, which commutes with the mean); random_colors has no vote (the
+  colours of different draws do not correspond): member 0, no spread.
   """
   agg, spread = {}, {}
   for m in images:
     x = np.asarray(members[m.name], np.float32)
     k = x.shape[0]
-    if k == 1:
+    voted = family(m) in ('depth', 'normal', 'segmentation') and m.encoding != 'random_colors'
+    if k == 1 or not voted:
       agg[m.name] = x[0]
-      if m.encoding in ('depth', 'normal', 'segmentation'):
+      if voted:
         spread[m.name] = np.zeros(x.shape[1:3], np.float32)
       continue
-    if m.encoding == 'depth':
-      d = x[..., 0].astype(np.float64)
+    if family(m) == 'depth':
+      d = x.mean(axis=-1, dtype=np.float64)  # one channel, or a grey map replicated
       reference = np.broadcast_to(d[:1], d[1:].shape)
       aligned = np.concatenate([d[:1], metrics_lib.align_depth_least_squares(d[1:], reference)])
-      agg[m.name] = np.median(aligned, axis=0).astype(np.float32)[..., None]
+      agg[m.name] = np.repeat(np.median(aligned, axis=0).astype(np.float32)[..., None],
+                              x.shape[-1], axis=-1)
       spread[m.name] = aligned.std(axis=0).astype(np.float32)
-    elif m.encoding == 'normal':
+    elif family(m) == 'normal':
       unit = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
       mean = unit.mean(axis=0)
       mean = mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
@@ -389,20 +496,28 @@ def _draw_noise(stage_key, index, member, shape, num_step_draws):
 
 @functools.lru_cache(maxsize=32)
 def _sample_fn(mods: tuple[Modality, ...], num_classes: int, cond_name: str | None,
-               settings: tuple[tuple[str, Any], ...]):
+               settings: tuple[tuple[str, Any], ...], channels: tuple[int, ...]):
   """The jitted sampler of one task and setting (cached: a jit per call would recompile)."""
   from mmgen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
 
   def run(model, y, cond, initial, steps):
     condition = None if cond_name is None else {cond_name: cond}
     return samplers.sample(model, None, mods=mods, shape=initial.shape[:3], y=y,
-                           num_classes=num_classes, condition=condition,
+                           num_classes=num_classes, condition=condition, channels=channels,
                            noise=samplers.Noise(initial, steps), **dict(settings))
   return jax.jit(run)
 
 
 class Sampler:
-  """Samples rows (condition, class, noise id) in fixed-size chunks on the config's mesh."""
+  """Samples rows (condition, class, noise id) in fixed-size chunks on the config's mesh.
+
+  With a latent codec (config.codec.name='sd_vae') the model samples latents:
+  `encode` turns pixel conditions into latents (the posterior mean × scale,
+  deterministic: MMGen's exp_sample.py draws from the posterior instead) and
+  `__call__` decodes its samples back to pixels. The VAE runs on one device,
+  one image at a time, so a row's pixels do not depend on the device count or
+  on the other rows.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh,
                seed: int):
@@ -410,6 +525,9 @@ class Sampler:
     self.config, self.model, self.mesh = config, model, mesh
     self.mods = modalities_lib.from_config(config.modalities)
     self.images = modalities_lib.images(self.mods)
+    self.codec = codec_lib.from_config(config)  # unplaced: the default device
+    self.channels = tuple(int(c) for c in self.codec.model_channels())
+    self.side = int(config.data.resolution) // self.codec.downsample
     self.resolution = int(config.data.resolution)
     self.num_classes = int(config.data.num_classes)
     self.settings = samplers.settings_from_config(config)
@@ -419,7 +537,23 @@ class Sampler:
 
   def _fn(self, cond_name: str | None, guided: bool):
     settings = dict(self.settings, cfg_scale=self.settings['cfg_scale'] if guided else 1.0)
-    return _sample_fn(self.mods, self.num_classes, cond_name, tuple(sorted(settings.items())))
+    return _sample_fn(self.mods, self.num_classes, cond_name, tuple(sorted(settings.items())),
+                      self.channels)
+
+  def encode(self, name: str, pixels: np.ndarray) -> np.ndarray:
+    """(rows, res, res, C) pixel-space conditions -> model space (latents: one row at a time)."""
+    if self.codec.is_identity:
+      return pixels
+    return np.concatenate([np.asarray(self.codec.encode_mean({name: pixels[i:i + 1]})[name])
+                           for i in range(len(pixels))])
+
+  def decode(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{modality: (rows, ...)} model space -> pixel space (latents: one row at a time)."""
+    if self.codec.is_identity:
+      return dict(arrays)
+    rows = len(next(iter(arrays.values())))
+    out = [self.codec.decode({k: v[i:i + 1] for k, v in arrays.items()}) for i in range(rows)]
+    return {k: np.concatenate([np.asarray(o[k]) for o in out]) for k in arrays}
 
   def chunk_size(self, rows: int) -> int:
     """config.sample.num_images rows per call (fewer if fewer rows), rounded up to a multiple
@@ -430,15 +564,15 @@ class Sampler:
   def __call__(self, *, stage: int, index: np.ndarray, member: np.ndarray, y: np.ndarray,
                cond_name: str | None = None, cond: np.ndarray | None = None
                ) -> dict[str, np.ndarray]:
-    """{modality: (rows, res, res, C)} for the given rows; padding is added and dropped here."""
+    """{modality: (rows, res, res, C)} pixel space for the given rows; `cond` in model space
+    (`encode`); padding is added and dropped here."""
     rows = len(index)
     b = self.chunk_size(rows)
     null = y == self.num_classes
     if null.any() and not null.all():
       raise ValueError('a call samples either every row with a class or none.')
     fn = self._fn(cond_name, guided=not null.all())
-    res = self.resolution
-    shape = (res, res, sum(m.channels for m in self.images))
+    shape = (self.side, self.side, sum(self.channels))
     s = self.settings
     step_draws = s['num_steps'] - 1 if s['method'] == 'euler_maruyama' else 0
     stage_key = jax.random.fold_in(self.key, stage)
@@ -460,7 +594,7 @@ class Sampler:
         result = fn(self.model, *args)
       for m in self.images:
         out[m.name].append(parallel.to_host(result[m.name])[:len(take)])
-    return {k: np.concatenate(v) for k, v in out.items()}
+    return self.decode({k: np.concatenate(v) for k, v in out.items()})
 
   @staticmethod
   def _put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -484,9 +618,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if m.encoding not in SUPPORTED_ENCODINGS:
       raise InferenceError(f'--task reads and writes the encodings {list(SUPPORTED_ENCODINGS)}; '
                            f'modality {m.name!r} has {m.encoding!r}.')
-  if config.codec.name != 'identity':
-    raise InferenceError(f'--task works on pixel-space models (config.codec.name=\'identity\'); '
-                         f'{config.codec.name!r} latents have no decoder here.')
+  if config.codec.name == 'sd_vae' and not config.codec.weights:
+    raise InferenceError('a latent model (config.codec.name=\'sd_vae\') needs its VAE: '
+                         '--config.codec.weights=<the sd-vae-ft-mse directory or .safetensors>.')
 
 
 def input_files(pattern: str) -> list[str]:
@@ -596,8 +730,8 @@ def run_task(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.M
             for i in range(n)]
 
   cond_m = by_name[task.condition]
-  raws = [read_input(p, cond_m) for p in files]
-  conds = np.stack([to_model(r, cond_m, res) for r in raws])
+  raws = [read_input(p, cond_m, depth_range) for p in files]
+  conds = sampler.encode(cond_m.name, np.stack([to_model(r, cond_m, res) for r in raws]))
   n, k = len(files), int(opts.ensemble)
   cls = num_classes if opts.class_id is None else int(opts.class_id)
   index, member = np.repeat(np.arange(n), k), np.tile(np.arange(k), n)
@@ -621,7 +755,8 @@ def run_task(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.M
   # rgb_to_rgb: the predicted `via` map, re-encoded as the data pipeline encodes a
   # condition, holds the geometry while a new RGB (and the rest) is sampled.
   via_m = by_name[task.via]
-  via = np.stack([encode(decode(got[via_m.name][i], via_m, depth_range), via_m) for i in range(n)])
+  via = sampler.encode(via_m.name, np.stack(
+      [encode(decode(got[via_m.name][i], via_m, depth_range), via_m) for i in range(n)]))
   got2 = sampler(stage=1, index=np.arange(n), member=np.zeros(n, np.int32),
                  y=np.full(n, cls, np.int32), cond_name=via_m.name, cond=via)
   for i in range(n):
@@ -632,9 +767,12 @@ def run_task(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.M
 
 
 def _spread_output(s: np.ndarray, m: Modality, hw, depth_range) -> np.ndarray:
-  """A spread map at the output size, in the units of the output (depth: depth_range's)."""
+  """A spread map at the output size, in the units of the output (depth: depth_range's;
+  disparity_minmax: relative disparity, 0..1)."""
   if m.encoding == 'depth':
     s = s * np.float32((depth_range[1] - depth_range[0]) / 2.0)
+  elif m.encoding == 'disparity_minmax':
+    s = s * np.float32(0.5)
   return _resize_plane(s, tuple(hw), False)
 
 
@@ -645,10 +783,12 @@ def to_picture(raw: np.ndarray, m: Modality) -> np.ndarray:
   """A raw output map as uint8 (H, W, 3)."""
   if m.encoding == 'rgb':
     return np.round(np.clip(raw, 0.0, 1.0) * 255.0).astype(np.uint8)
-  if m.encoding == 'depth':
+  if family(m) == 'depth':
     return visualize.depth_to_rgb(np.where(valid_depth(raw), raw, np.nan))
-  if m.encoding == 'normal':
+  if family(m) == 'normal':
     return visualize.normal_to_rgb(raw)
+  if m.encoding == 'random_colors':  # a random colour per segment id
+    return encodings.random_colors(raw, m.color_seed, 0)
   return visualize.segmentation_to_rgb(raw, m.palette)
 
 
@@ -732,9 +872,9 @@ def write_result(out_dir: str, r: Result, images: Sequence[Modality], fov_deg: f
     np.save(os.path.join(d, f'{name}_spread.npy'), s)
     visualize.save_png(os.path.join(d, f'{name}_spread.png'), spread_picture(s))
   visualize.save_png(os.path.join(d, 'grid.png'), visualize.make_grid({'': np.stack(pictures)}))
-  rgb = next((r.outputs[m.name] for m in images if m.encoding == 'rgb'), None)
-  depth = next((r.outputs[m.name] for m in images if m.encoding == 'depth'), None)
-  normal = next((r.outputs[m.name] for m in images if m.encoding == 'normal'), None)
+  rgb = next((r.outputs[m.name] for m in images if family(m) == 'rgb'), None)
+  depth = next((r.outputs[m.name] for m in images if family(m) == 'depth'), None)
+  normal = next((r.outputs[m.name] for m in images if family(m) == 'normal'), None)
   if rgb is not None and depth is not None:
     write_ply(os.path.join(d, 'scene.ply'), point_cloud(rgb, depth, normal, fov_deg))
   return d
@@ -751,5 +891,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, opts: Options) -> list[
     fov = camera_fov(config, opts.fov)
     images = _images(config)
     written = [write_result(opts.out, r, images, fov) for r in results]
-    print(f'{opts.task}: {len(written)} result(s) from checkpoint step {step} in {opts.out}')
+    source = (config.sample.checkpoint if config.sample.checkpoint
+              else f'checkpoint step {step}')
+    print(f'{opts.task}: {len(written)} result(s) from {source} in {opts.out}')
   return written

@@ -139,7 +139,9 @@ def main(argv: list[str]) -> None:
   if mode == 'plan':
     return run_plan(config)
   workdir = _WORKDIR.value
-  if mode != 'data' and not workdir:
+  # --task reads converted weights (config.sample.checkpoint) without a workdir.
+  if mode != 'data' and not workdir and not (_TASK.value is not None
+                                             and config.sample.checkpoint):
     raise app.UsageError(f'--mode={mode} needs --workdir.')
   if _TASK.value is not None:
     if mode != 'sample':

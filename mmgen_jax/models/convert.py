@@ -18,14 +18,23 @@ moments, abstract shapes with shardings) from one layout to the other.
 CLI (the released SiT-XL/2 checkpoint -> flat safetensors keyed by NNX path,
 the trunk stacked; `load_params` reads the file into either layout):
 
-  python -m mmgen_jax.models.convert --checkpoint 0600000.pt --out params.safetensors
+  python -m mmgen_jax.models.convert --checkpoint 0600000.pt \\
+      --config configs/imagenet256_xl2.py --out xl2.safetensors
+
+`--config` (with `--config.<key>=<value>` overrides) sizes the model as the
+config does, so the file loads where the config is used
+(`--config.sample.checkpoint=xl2.safetensors`); without it the size flags
+(`--depth`, `--hidden_size`, ...; defaults: the released SiT-XL/2) do. A `.pt`
+needs PyTorch (the optional `torch` extra); `--subset` picks 'ema' (default,
+as MMGen's exp_sample.py) or 'model'.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Callable, Mapping
+import os
+from typing import Any, Callable, Mapping, Sequence
 
 from flax import nnx
 from flax import traverse_util
@@ -347,23 +356,45 @@ def _save_state(path: str, state: nnx.State) -> int:
   return len(flat)
 
 
-def load_params(model: nnx.Module, path: str) -> None:
-  """Reads a `save_params` file of either trunk layout into `model` (keys and shapes must match)."""
+def read_params(path: str, like: Any) -> Any:
+  """A `save_params` file as numpy arrays in the structure, layout and dtypes of `like`.
+
+  `like`: the model's parameters as a pure nested dict (`nnx.to_pure_dict`) of
+  arrays or `jax.ShapeDtypeStruct`s; the file may hold either trunk layout.
+  Keys and shapes must match exactly; the error names every difference.
+  """
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  current = nnx.state(model, nnx.Param)
-  stored = _by_name(to_layout(_from_names(load_file(path)),
-                              scan_layers_of(nnx.to_pure_dict(current))))
-  flat = dict(nnx.to_flat_state(current))
-  names = {'.'.join(map(str, p)): p for p in flat}
-  extra, missing = sorted(set(stored) - set(names)), sorted(set(names) - set(stored))
-  bad = [f'{k}: file {stored[k].shape}, model {flat[names[k]].get_value().shape}'
-         for k in set(stored) & set(names) if stored[k].shape != flat[names[k]].get_value().shape]
+  try:
+    raw = load_file(path)
+  except Exception as e:  # safetensors raises several kinds; name the file
+    raise ValueError(f'{path}: cannot read it as a .safetensors file of converted parameters '
+                     f'({type(e).__name__}: {e}).') from e
+  stored = _by_name(to_layout(_from_names(raw), scan_layers_of(like)))
+  want = _by_name(like)
+  extra, missing = sorted(set(stored) - set(want)), sorted(set(want) - set(stored))
+  bad = [f'{k}: file {stored[k].shape}, model {tuple(want[k].shape)}'
+         for k in set(stored) & set(want) if stored[k].shape != tuple(want[k].shape)]
   if extra or missing or bad:
     raise ValueError(f'{path} does not match the model: unknown keys {extra}, missing keys '
                      f'{missing}, shape mismatches {sorted(bad)}.')
-  for name, p in names.items():
-    flat[p] = flat[p].replace(stored[name].astype(flat[p].get_value().dtype))
+  split = lambda name: tuple(int(p) if p.isdigit() else p for p in name.split('.'))
+  return traverse_util.unflatten_dict(
+      {split(k): np.asarray(stored[k]).astype(v.dtype) for k, v in want.items()})
+
+
+def load_params(model: nnx.Module, path: str) -> None:
+  """Reads a `save_params` file of either trunk layout into `model` (keys and shapes must match)."""
+  current = nnx.state(model, nnx.Param)
+  values = read_params(path, nnx.to_pure_dict(current))
+  flat = {p: var.replace(_at(values, p))
+          for p, var in nnx.to_flat_state(current)}
   nnx.update(model, _placed_like(current, nnx.from_flat_state(flat)))
+
+
+def _at(tree: Mapping[Any, Any], path: tuple[Any, ...]) -> Any:
+  for k in path:
+    tree = tree[k]
+  return tree
 
 
 def _from_names(flat: Mapping[str, np.ndarray]) -> dict[Any, Any]:
@@ -376,28 +407,110 @@ def _by_name(tree: Mapping[Any, Any]) -> dict[str, np.ndarray]:
   return {'.'.join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
 
 
-def main(argv: list[str] | None = None) -> None:
+# ---- the command line ------------------------------------------------------------
+
+# The size flags and their defaults: the released SiT-XL/2 (build.mmgen_sit_kwargs).
+SIZE_FLAGS = (('input_size', 32), ('patch_size', 2), ('hidden_size', 1152), ('depth', 28),
+              ('num_heads', 16), ('num_classes', 1000), ('repa_encoder_depth', 8),
+              ('repa_z_dim', 768), ('repa_projector_dim', 2048))
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
+  """`configs/x.py[:arg]` with `--config.a.b=value` overrides applied, as main.py reads it.
+
+  A value is parsed as the type of the key it replaces (bool: true/false;
+  tuples and lists: a Python literal); an unknown key is an error naming the
+  valid ones.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'--config={spec}: no config file {path!r}.')
+  module_spec = importlib.util.spec_from_file_location('mmgen_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for item in overrides:
+    if not item.startswith('--config.') or '=' not in item:
+      raise ValueError(f'{item}: expected --config.<key>=<value>.')
+    key, text = item[len('--config.'):].split('=', 1)
+    parent, node, seen = None, config, 'config'
+    for part in key.split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        valid = sorted(node.keys()) if hasattr(node, 'keys') else []
+        raise ValueError(f'--config.{key}: {seen} has no key {part!r}; valid keys: {valid}.')
+      parent, node, seen = node, node[part], f'{seen}.{part}'
+    parent[part] = _parse_override(key, text, node)
+  return config
+
+
+def _parse_override(key: str, text: str, current: Any) -> Any:
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    if isinstance(current, bool):
+      if text.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError('expected true or false')
+      return text.lower() in ('true', '1')
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, str):
+      return text
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f'--config.{key}={text}: not a {type(current).__name__} ({e}).') from e
+
+
+def model_kwargs_from_args(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Any]:
+  """MMDiT arguments from --config (+ overrides) or from the size flags (not both)."""
   from mmgen_jax.models import build  # pylint: disable=g-import-not-at-top
+  given = [f'--{flag}' for flag, _ in SIZE_FLAGS if getattr(args, flag) is not None]
+  if args.config:
+    if given:
+      raise ValueError(f'--config sizes the model; drop {", ".join(given)} (or override the '
+                       'config, e.g. --config.model.depth=2).')
+    config = load_config(args.config, overrides)
+    if config.objective.name != 'decoupled':
+      raise ValueError(f'--config: MMGen checkpoints are decoupled-objective models; '
+                       f'config.objective.name={config.objective.name!r}.')
+    return build.model_kwargs(config)
+  if overrides:
+    raise ValueError(f'{overrides[0]}: --config.* overrides need --config=<file>.')
+  v = {flag: default if getattr(args, flag) is None else getattr(args, flag)
+       for flag, default in SIZE_FLAGS}
+  return build.mmgen_sit_kwargs(
+      input_size=v['input_size'], patch_size=v['patch_size'], hidden_size=v['hidden_size'],
+      depth=v['depth'], num_heads=v['num_heads'], num_classes=v['num_classes'],
+      repa_encoder_depth=v['repa_encoder_depth'], repa_z_dims=(v['repa_z_dim'],),
+      repa_projector_dim=v['repa_projector_dim'])
+
+
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--checkpoint', required=True, help='.pt/.pth/.safetensors state dict')
+  parser.add_argument('--checkpoint', required=True,
+                      help='.pt/.pth (MMGen: a dict with ema/model; needs torch) or .safetensors')
   parser.add_argument('--out', required=True, help='output .safetensors (keys = NNX paths)')
   parser.add_argument('--subset', default='ema', choices=('ema', 'model'))
-  # Defaults: the released SiT-XL/2 (build.mmgen_sit_kwargs).
-  for flag, default in (('input_size', 32), ('patch_size', 2), ('hidden_size', 1152),
-                        ('depth', 28), ('num_heads', 16), ('num_classes', 1000),
-                        ('repa_encoder_depth', 8), ('repa_z_dim', 768),
-                        ('repa_projector_dim', 2048)):
-    parser.add_argument(f'--{flag}', type=int, default=default)
-  args = parser.parse_args(argv)
-  kwargs = build.mmgen_sit_kwargs(
-      input_size=args.input_size, patch_size=args.patch_size, hidden_size=args.hidden_size,
-      depth=args.depth, num_heads=args.num_heads, num_classes=args.num_classes,
-      repa_encoder_depth=args.repa_encoder_depth, repa_z_dims=(args.repa_z_dim,),
-      repa_projector_dim=args.repa_projector_dim)
+  parser.add_argument('--prefix', default='',
+                      help='keep only keys with this prefix, removed (e.g. params/)')
+  parser.add_argument('--config', default='',
+                      help='size the model from a config (configs/imagenet256_xl2.py), with '
+                      '--config.<key>=<value> overrides, instead of the size flags')
+  for flag, default in SIZE_FLAGS:
+    parser.add_argument(f'--{flag}', type=int, default=None, help=f'default {default}')
+  args, rest = parser.parse_known_args(argv)
+  overrides = [a for a in rest if a.startswith('--config.')]
+  if len(overrides) != len(rest):
+    parser.error(f'unrecognized arguments: {[a for a in rest if a not in overrides]}')
+  try:
+    kwargs = model_kwargs_from_args(args, overrides)
+  except ValueError as e:
+    parser.error(str(e))
   with nnx.use_eager_sharding(False):
     model = nnx.eval_shape(lambda: dit.MMDiT(**kwargs, rngs=nnx.Rngs(0)))
-  state = convert_mmgen_state_dict(load_torch_state_dict(args.checkpoint, subset=args.subset),
-                                   model)
+  state = convert_mmgen_state_dict(
+      load_torch_state_dict(args.checkpoint, subset=args.subset, prefix=args.prefix), model)
   count = _save_state(args.out, state)
   print(f'wrote {count} tensors ({dit.count_params(model):,} parameters) to {args.out}')
 
