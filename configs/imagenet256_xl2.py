@@ -132,4 +132,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample.guidance_high = 1.0        # interval [0, 1] (euler_sampler's defaults)
   c.sample.t_cond = 0.005             # exp_sample.py --t-blend-start
   c.sample.num_images = 16
+
+  # Generation metrics as in SiT/REPA papers: 50k class-balanced samples, FID/IS/P/R
+  # with pytorch-fid's Inception against ADM's reference batch.
+  c.eval.gen.num_samples = 50_000
+  c.eval.gen.batch = 256
+  c.eval.gen.shard_size = 2_048
+  c.eval.gen.features = 'inception'
+  c.eval.gen.inception_weights = ''   # --config.eval.gen.inception_weights=fid_inception.safetensors
+  c.eval.gen.reference_stats = ''     # ADM's VIRTUAL_imagenet256_labeled.npz (else the split below)
+  c.eval.gen.reference_num = 50_000
   return c

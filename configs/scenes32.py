@@ -70,6 +70,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.sample.num_steps = 50
   c.sample.num_images = 8
+  c.eval.gen.num_samples = 1_024   # scenes FD per modality of joint samples
+  c.eval.gen.batch = 64
+  c.eval.gen.shard_size = 256
+  c.eval.gen.features = 'scenes'
   if variant == 'rgb2x':
     _rgb2x(c)
   return c

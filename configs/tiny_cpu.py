@@ -48,6 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.sample.num_steps = 20
   c.sample.num_images = 8
+  c.eval.gen.num_samples = 128     # scenes FD per modality of joint samples (a small N)
+  c.eval.gen.batch = 32
+  c.eval.gen.shard_size = 64
+  c.eval.gen.features = 'scenes'
   if variant == 'latent':
     _latent(c)
   return c
@@ -64,3 +68,4 @@ def _latent(c: ml_collections.ConfigDict) -> None:
   c.codec.name = 'sd_vae'
   c.codec.weights = ''             # --config.codec.weights=DIR (config.json + safetensors)
   c.model.patch_size = 1
+  c.eval.gen.num_samples = 0      # a random VAE's decodings: scenes FD would score the VAE

@@ -1,0 +1,294 @@
+r"""A small feature network for the procedural scenes: the "Inception" of their modalities.
+
+No pretrained image network exists offline for depth, normals or segmentation
+maps, so the project trains its own: one small CNN per image modality, each
+trained on the train split to predict what the scene holds, read from the
+record alone:
+
+  label     the scene class (the shape of the largest object), softmax;
+  present   which semantic classes (sky, ground, wall, sphere, box, cylinder,
+            cone) occur in the segmentation ids, one sigmoid each;
+  area      the fraction of pixels each semantic class covers (squared error).
+
+A network's penultimate features (the global average of its last convolution,
+`feature_dim`-d, after ReLU, as Inception's pool3) give the Fréchet distance
+between two sets of one modality ("scenes FD"). Every modality is read in model
+space as the data pipeline produces it (`pipeline.normalise`: RGB and palette
+colours in [-1, 1], depth min-max normalised per image, unit normals).
+
+Weights go to `<workdir>/scenes_features/` (`weights.safetensors`, one tensor
+per `<modality>/<path>`, and `config.json` with the architecture, the dataset
+and the training figures). Train once per dataset:
+
+  python -m mmgen_jax.models.scenes_features --config=configs/tiny_cpu.py \
+      --workdir=/tmp/mmgen/tiny --config.data.data_dir=/tmp/tfds
+
+The training settings are `config.eval.gen.scenes_net.*` (steps, batch size,
+learning rate, widths, seed); a few minutes on 2 CPU cores at the defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+from etils import epath
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mmgen_jax import modalities as modalities_lib
+from mmgen_jax.data import scenes
+
+DIRNAME = 'scenes_features'
+WEIGHTS = 'weights.safetensors'
+META = 'config.json'
+NUM_SEMANTIC = len(scenes.SEMANTIC_CLASSES)
+
+
+class FeatureCNN(nnx.Module):
+  """conv3x3 stacks, stride 2 between stages, ReLU; global average -> features -> heads."""
+
+  def __init__(self, in_channels: int, widths: Sequence[int], num_classes: int, *,
+               rngs: nnx.Rngs):
+    convs, cin = [], in_channels
+    for i, w in enumerate(widths):
+      # stride 2 at convs 2, 4, ...: 32 px -> 32, 32, 16, 16, 8 for five widths.
+      convs.append(nnx.Conv(cin, w, (3, 3), strides=2 if i and i % 2 == 0 else 1,
+                            padding='SAME', rngs=rngs))
+      cin = w
+    self.convs = nnx.List(convs)
+    self.label = nnx.Linear(cin, num_classes, rngs=rngs)
+    self.present = nnx.Linear(cin, NUM_SEMANTIC, rngs=rngs)
+    self.area = nnx.Linear(cin, NUM_SEMANTIC, rngs=rngs)
+
+  def features(self, x: jax.Array) -> jax.Array:
+    """(N, H, W, C) in model space -> (N, widths[-1]) penultimate features."""
+    for conv in self.convs:
+      x = jax.nn.relu(conv(x))
+    return x.mean(axis=(1, 2))
+
+  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    f = self.features(x)
+    return {'features': f, 'label': self.label(f), 'present': self.present(f),
+            'area': self.area(f)}
+
+
+class ScenesFeatures(nnx.Module):
+  """One FeatureCNN per image modality: {modality: (N, H, W, C)} -> {modality: (N, D)}."""
+
+  def __init__(self, channels: Mapping[str, int], widths: Sequence[int], num_classes: int, *,
+               rngs: nnx.Rngs):
+    self.names = tuple(channels)
+    self.nets = nnx.Dict({name: FeatureCNN(c, widths, num_classes, rngs=rngs)
+                          for name, c in channels.items()})
+
+  def __call__(self, images: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    return {name: self.nets[name].features(x) for name, x in images.items()}
+
+
+def _net_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The architecture and data a trained network is tied to (compared on load)."""
+  s = config.eval.gen.scenes_net
+  mods = modalities_lib.images(modalities_lib.from_config(config.modalities))
+  return {'channels': {m.name: int(m.channels) for m in mods},
+          'encodings': {m.name: m.encoding for m in mods},
+          'widths': [int(w) for w in s.widths], 'num_classes': int(config.data.num_classes),
+          'dataset': f'{config.data.name}/{config.data.builder_config}',
+          'resolution': int(config.data.resolution)}
+
+
+def build(net_config: Mapping[str, Any], seed: int = 0) -> ScenesFeatures:
+  return ScenesFeatures(net_config['channels'], net_config['widths'],
+                        net_config['num_classes'], rngs=nnx.Rngs(seed))
+
+
+def targets(batch: Mapping[str, np.ndarray], seg_name: str) -> dict[str, np.ndarray]:
+  """label, present (N, 7) in {0, 1} and area (N, 7) from a pipeline batch's ids."""
+  ids = np.asarray(batch[f'{seg_name}_ids'])
+  flat = ids.reshape(ids.shape[0], -1)
+  area = np.stack([(flat == c).mean(1) for c in range(NUM_SEMANTIC)], -1).astype(np.float32)
+  return {'label': np.asarray(batch['label'], np.int32), 'present': (area > 0).astype(np.float32),
+          'area': area}
+
+
+def _loss(model: ScenesFeatures, images, t):
+  total, parts = 0.0, {}
+  for name in model.names:
+    out = model.nets[name](images[name])
+    ce = optax.softmax_cross_entropy_with_integer_labels(out['label'], t['label']).mean()
+    bce = optax.sigmoid_binary_cross_entropy(out['present'], t['present']).mean()
+    area = jnp.mean((out['area'] - t['area']) ** 2) * 10.0  # areas are small fractions
+    parts[f'{name}/label_acc'] = jnp.mean(out['label'].argmax(-1) == t['label'])
+    parts[f'{name}/present_acc'] = jnp.mean((out['present'] > 0) == (t['present'] > 0.5))
+    total = total + ce + bce + area
+  return total, parts
+
+
+def _segmentation_name(config) -> str:
+  mods = modalities_lib.images(modalities_lib.from_config(config.modalities))
+  seg = [m.name for m in mods if m.encoding == 'segmentation']
+  if not seg:
+    raise ValueError('the scenes feature network learns from semantic segmentation ids: the '
+                     f'config has no modality with encoding "segmentation" ({[m.name for m in mods]}).')
+  return seg[0]
+
+
+def _train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.data.global_batch_size = int(config.eval.gen.scenes_net.batch_size)
+  c.data.shuffle_seed = int(config.eval.gen.scenes_net.seed)
+  c.data.augment.crop_min_scale = 1.0  # a crop would change the area targets
+  return c
+
+
+def _batches(config, split: str, train: bool):
+  from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.make_iterator(_train_config(config), split, train=train,
+                                process_index=0, process_count=1)
+
+
+def evaluate_accuracy(model: ScenesFeatures, config, split: str, limit: int = 0
+                      ) -> dict[str, float]:
+  """Label and presence accuracies per modality on `split` (up to `limit` records)."""
+  seg = _segmentation_name(config)
+  step = nnx.jit(lambda m, x, t: _loss(m, x, t)[1])
+  sums, n = {}, 0
+  for batch in _batches(config, split, train=False):
+    valid = np.asarray(batch['valid'])
+    if not valid.any() or (limit and n >= limit):
+      break
+    t = {k: v[valid] for k, v in targets(batch, seg).items()}
+    parts = step(model, {k: np.asarray(batch[k])[valid] for k in model.names}, t)
+    for k, v in parts.items():
+      sums[k] = sums.get(k, 0.0) + float(v) * int(valid.sum())
+    n += int(valid.sum())
+  return {k: v / n for k, v in sums.items()}
+
+
+def train(config: ml_collections.ConfigDict, out_dir: str) -> ScenesFeatures:
+  """Trains the networks on config.data.train_split and writes them to `out_dir`."""
+  s = config.eval.gen.scenes_net
+  seg = _segmentation_name(config)
+  net_config = _net_config(config)
+  model = build(net_config, int(s.seed))
+  opt = nnx.Optimizer(model, optax.adamw(float(s.learning_rate), weight_decay=1e-4),
+                      wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, images, t):
+    (loss, parts), grads = nnx.value_and_grad(_loss, has_aux=True)(model, images, t)
+    opt.update(model, grads)
+    return loss, parts
+
+  it = _batches(config, config.data.train_split, train=True)
+  start, num_steps = time.time(), int(s.num_steps)
+  for i in range(num_steps):
+    batch = next(it)
+    loss, parts = step(model, opt, {k: batch[k] for k in model.names}, targets(batch, seg))
+    if (i + 1) % max(1, num_steps // 10) == 0 or i + 1 == num_steps:
+      elapsed = time.time() - start
+      logging.info('scenes_features: step %d/%d loss %.4f %s (%.1f s, ETA %.0f s)', i + 1,
+                   num_steps, float(loss),
+                   ' '.join(f'{k} {float(v):.2f}' for k, v in parts.items() if 'label' in k),
+                   elapsed, elapsed / (i + 1) * (num_steps - i - 1))
+  acc = evaluate_accuracy(model, config, config.data.eval_split)
+  logging.info('scenes_features: %s accuracy %s', config.data.eval_split,
+               {k: round(v, 3) for k, v in acc.items()})
+  save(model, out_dir, {**net_config, 'num_steps': num_steps, 'batch_size': int(s.batch_size),
+                        'learning_rate': float(s.learning_rate), 'seed': int(s.seed),
+                        'train_seconds': round(time.time() - start, 1),
+                        f'{config.data.eval_split}_accuracy': acc})
+  return model
+
+
+def save(model: ScenesFeatures, out_dir: str, meta: Mapping[str, Any]) -> None:
+  """Weights (safetensors) and `meta` (json); each file written whole, then renamed."""
+  from safetensors.numpy import save as save_bytes  # pylint: disable=g-import-not-at-top
+  d = epath.Path(out_dir)
+  d.mkdir(parents=True, exist_ok=True)
+  flat = {'/'.join(map(str, p)): np.asarray(v.get_value())
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  for name, data in ((WEIGHTS, save_bytes(flat)), (META, json.dumps(meta, indent=1).encode())):
+    tmp = d / f'{name}.tmp'
+    tmp.write_bytes(data)
+    tmp.replace(d / name)
+
+
+def load(out_dir: str, config: ml_collections.ConfigDict | None = None
+         ) -> tuple[ScenesFeatures, str]:
+  """(model, fingerprint) from `out_dir`; with `config`, checks it fits the config's data."""
+  from safetensors.numpy import load as load_bytes  # pylint: disable=g-import-not-at-top
+  d = epath.Path(out_dir)
+  if not (d / WEIGHTS).exists() or not (d / META).exists():
+    raise FileNotFoundError(f'{d}: no {WEIGHTS} + {META}; train the network with python -m '
+                            'mmgen_jax.models.scenes_features --config=... --workdir=...')
+  meta = json.loads((d / META).read_text())
+  if config is not None:
+    want = _net_config(config)
+    diff = {k: (meta.get(k), v) for k, v in want.items()
+            if k not in ('widths',) and meta.get(k) != v}
+    if diff:
+      raise ValueError(f'{d}: the scenes feature network was trained for another setup '
+                       f'(key: (trained, configured)): {diff}. Retrain it or point '
+                       'config.eval.gen.scenes_features elsewhere.')
+  raw = (d / WEIGHTS).read_bytes()
+  tensors = load_bytes(raw)
+  model = build(meta)
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  keys = {'/'.join(map(str, p)): p for p in flat}
+  if set(keys) != set(tensors):
+    raise ValueError(f'{d / WEIGHTS}: tensors {sorted(set(tensors) ^ set(keys))[:8]} do not '
+                     f'match the architecture in {META}.')
+  for k, p in keys.items():
+    if tuple(tensors[k].shape) != tuple(flat[p].shape):
+      raise ValueError(f'{d / WEIGHTS}: {k} has shape {tensors[k].shape}; expected '
+                       f'{tuple(flat[p].shape)}.')
+    flat[p] = flat[p].replace(jnp.asarray(tensors[k]))
+  nnx.update(model, nnx.from_flat_state(flat))
+  return model, hashlib.sha256(raw).hexdigest()[:12]
+
+
+def default_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  path = str(config.eval.gen.scenes_features)
+  return path or str(epath.Path(workdir) / DIRNAME)
+
+
+def load_or_train(config: ml_collections.ConfigDict, workdir: str) -> tuple[ScenesFeatures, str]:
+  """The network of config.eval.gen.scenes_features ('' = <workdir>/scenes_features),
+  trained there first (on process 0, the others wait) if absent."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  path = default_dir(config, workdir)
+  if not (epath.Path(path) / WEIGHTS).exists():
+    if jax.process_index() == 0:
+      logging.info('scenes_features: no network in %s: training one (%d steps).', path,
+                   int(config.eval.gen.scenes_net.num_steps))
+      train(config, path)
+    multihost_utils.sync_global_devices('scenes_features trained')
+  return load(path, config)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS.config
+  path = default_dir(config, flags.FLAGS.workdir)
+  model = train(config, path)
+  n = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  print(f'wrote {path} ({n:,} parameters)')
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'The network goes to <workdir>/scenes_features.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -1,0 +1,229 @@
+"""The generation-metrics job on a small random DiT: shards, resume, reference cache, user
+statistics, and the feature path checked against the real images."""
+
+import os
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmgen_jax import config_schema
+from mmgen_jax import generation_eval as ge
+from mmgen_jax import metrics
+from mmgen_jax import modalities as modalities_lib
+from mmgen_jax import parallel
+from mmgen_jax.data import pipeline
+from mmgen_jax.models import scenes_features
+from tests.conftest import SCENES_TEST_BUILD
+
+NUM_SAMPLES, BATCH, SHARD = 16, 8, 8  # two shards of one batch each
+
+
+class TinyInception(nnx.Module):
+  """Stand-in for the FID Inception (its interface, fixed random projections): the real
+  network's 299 px forward would take most of this file's time budget."""
+
+  def __init__(self):
+    rng = np.random.default_rng(0)
+    self.proj = nnx.Param(jnp.asarray(rng.normal(size=(48, 32)), jnp.float32))
+    self.fc = nnx.Param(jnp.asarray(rng.normal(size=(32, 10)), jnp.float32))
+
+  def features_and_logits(self, images):
+    assert images.shape[-1] == 3
+    x = jax.image.resize(images, (images.shape[0], 4, 4, 3), 'linear').reshape(-1, 48)
+    feats = jax.nn.relu((2.0 * x - 1.0) @ self.proj[...])
+    return feats, feats @ self.fc[...]
+
+
+def _config(data_dir, **gen):
+  c = config_schema.base_config()
+  c.data.builder_config, c.data.data_dir = SCENES_TEST_BUILD, data_dir
+  c.data.global_batch_size = 8
+  c.model.patch_size, c.model.hidden_size, c.model.depth, c.model.num_heads = 8, 32, 1, 2
+  c.allow_narrow_patch = True
+  c.sample.num_steps = 2
+  c.train.rng_impl = 'rbg'
+  g = c.eval.gen
+  g.num_samples, g.batch, g.shard_size = NUM_SAMPLES, BATCH, SHARD
+  g.features = 'inception,scenes'
+  g.reference_split = 'validation'
+  g.scenes_net.widths = (8, 16)
+  for k, v in gen.items():
+    g[k] = v
+  return c
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  return parallel.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:4])
+
+
+@pytest.fixture(scope='module')
+def parts(scenes_data_dir, mesh):
+  """The random DiT and an extractor (stand-in Inception, untrained scenes networks)."""
+  from mmgen_jax import train  # pylint: disable=g-import-not-at-top
+  config = _config(scenes_data_dir)
+  model = train.default_parts(config).model_fn(nnx.Rngs(0))
+  scenes = scenes_features.build(scenes_features._net_config(config), seed=0)  # pylint: disable=protected-access
+  extractor = ge.make_extractor(config, '', mesh, inception_model=TinyInception(),
+                                scenes_model=scenes)
+  return model, extractor
+
+
+@pytest.fixture(scope='module')
+def full_run(scenes_data_dir, mesh, parts, tmp_path_factory):
+  """One uninterrupted run: (workdir, scores)."""
+  workdir = str(tmp_path_factory.mktemp('full'))
+  model, extractor = parts
+  scores = ge.evaluate_generation(_config(scenes_data_dir), workdir, model, 7, mesh,
+                                  extractor=extractor)
+  return workdir, scores
+
+
+def test_scores_are_finite_and_every_shard_is_written(full_run):
+  workdir, scores = full_run
+  images = ('rgb', 'depth', 'normal', 'segmentation')
+  want = ['eval/gen/fid', 'eval/gen/is_mean', 'eval/gen/is_std', 'eval/gen/precision',
+          'eval/gen/recall', *(f'eval/gen/scenes_fd/{m}' for m in images)]
+  for k in want:
+    assert np.isfinite(scores[k]), k
+  assert scores['eval/gen/num_samples'] == NUM_SAMPLES
+  assert scores['eval/gen/reference_num'] == 8  # the validation records
+  assert scores['eval/gen/fid'] > 0 and scores['eval/gen/is_mean'] >= 1.0
+  assert 0 <= scores['eval/gen/precision'] <= 1 and 0 <= scores['eval/gen/recall'] <= 1
+  d = ge.shard_dir(workdir, 7)
+  assert sorted(os.listdir(d)) == ['shard_00000.npz', 'shard_00001.npz']
+  shard = ge.read_npz(d / 'shard_00001.npz')
+  assert shard[ge.POOL3].shape == (SHARD, 32) and shard['scenes/depth'].shape == (SHARD, 16)
+  # Classes cycle over the samples: 8..15 mod 4.
+  np.testing.assert_array_equal(shard['label'], np.arange(8, 16) % 4)
+
+
+def test_an_interrupted_run_resumes_to_the_same_scores(scenes_data_dir, mesh, parts, full_run,
+                                                       tmp_path):
+  model, extractor = parts
+  config = _config(scenes_data_dir)
+  workdir = str(tmp_path)
+  assert ge.evaluate_generation(config, workdir, model, 7, mesh, extractor=extractor,
+                                max_new_shards=1) == {}
+  d = ge.shard_dir(workdir, 7)
+  assert sorted(os.listdir(d)) == ['shard_00000.npz']
+  first = (d / 'shard_00000.npz').read_bytes()
+  mtime = os.stat(d / 'shard_00000.npz').st_mtime_ns
+
+  drawn = []
+  real_make_sampler = ge.make_sampler
+
+  def counting_sampler(*args):
+    draw = real_make_sampler(*args)
+    return lambda index: drawn.append(index) or draw(index)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(ge, 'make_sampler', counting_sampler)
+    scores = ge.evaluate_generation(config, workdir, model, 7, mesh, extractor=extractor)
+  assert drawn == [1]  # only the second shard's batch is sampled
+  assert (d / 'shard_00000.npz').read_bytes() == first
+  assert os.stat(d / 'shard_00000.npz').st_mtime_ns == mtime
+  assert scores == full_run[1]
+
+
+def test_a_shard_of_other_settings_is_redone(scenes_data_dir, mesh, parts, full_run, tmp_path):
+  model, extractor = parts
+  workdir = str(tmp_path)
+  guided = _config(scenes_data_dir)
+  guided.sample.cfg_scale = 2.0
+  ge.evaluate_generation(guided, workdir, model, 7, mesh, extractor=extractor, max_new_shards=1)
+  scores = ge.evaluate_generation(_config(scenes_data_dir), workdir, model, 7, mesh,
+                                  extractor=extractor)
+  assert scores == full_run[1]
+
+
+def test_the_reference_is_cached_and_reused(scenes_data_dir, mesh, parts, full_run,
+                                           monkeypatch):
+  workdir, scores = full_run
+  model, extractor = parts
+  ref_dir = os.path.join(workdir, 'eval', 'gen_reference')
+  names = sorted(os.listdir(ref_dir))
+  assert len(names) == 2  # one per network, keyed by data, split, count and weights
+  assert names[0].startswith(f'mmgen_scenes_{SCENES_TEST_BUILD}_validation_all_inception_')
+  assert names[1].startswith(f'mmgen_scenes_{SCENES_TEST_BUILD}_validation_all_scenes_')
+
+  def no_recompute(*args, **kwargs):
+    raise AssertionError('the cached reference should have been used')
+
+  monkeypatch.setattr(ge, 'real_features', no_recompute)
+  again = ge.evaluate_generation(_config(scenes_data_dir), workdir, model, 7, mesh,
+                                 extractor=extractor)
+  assert again == scores
+
+
+def test_a_user_statistics_file_in_pytorch_fid_format_is_read(scenes_data_dir, mesh, parts,
+                                                              full_run, tmp_path):
+  workdir, _ = full_run
+  model, extractor = parts
+  rng = np.random.default_rng(3)
+  f = rng.normal(size=(40, 32))
+  mu, sigma = f.mean(0), np.cov(f, rowvar=False)
+  path = tmp_path / 'fid_stats.npz'
+  np.savez(path, mu=mu, sigma=sigma)  # pytorch-fid's --save-stats layout
+  config = _config(scenes_data_dir, reference_stats=str(path))
+  scores = ge.evaluate_generation(config, workdir, model, 7, mesh, extractor=extractor)
+  gen = np.concatenate([ge.read_npz(ge.shard_dir(workdir, 7) / f'shard_0000{i}.npz')[ge.POOL3]
+                        for i in range(2)])
+  want = metrics.frechet_distance(*metrics.feature_statistics(gen), mu, sigma)
+  assert scores['eval/gen/fid'] == pytest.approx(want, rel=1e-9)
+  assert 'eval/gen/precision' not in scores  # statistics only: no reference features
+  assert scores['eval/gen/scenes_fd/rgb'] == full_run[1]['eval/gen/scenes_fd/rgb']
+
+
+def _validation(config):
+  batches = list(pipeline.make_iterator(config, 'validation', train=False,
+                                        process_index=0, process_count=1))
+  mods = modalities_lib.images(modalities_lib.from_config(config.modalities))
+  return {m.name: np.concatenate([b[m.name][b['valid']] for b in batches]) for m in mods}, mods
+
+
+def test_real_images_are_a_fixed_point_of_the_data_format(scenes_data_dir):
+  real, mods = _validation(_config(scenes_data_dir))
+  for m in mods:
+    np.testing.assert_allclose(np.asarray(ge.to_data_format(jnp.asarray(real[m.name]), m)),
+                               real[m.name], atol=2e-6, err_msg=m.name)
+
+
+def test_real_images_through_the_sample_path_score_zero(scenes_data_dir, mesh, parts, tmp_path):
+  """The validation images handed in as 'samples': every FD against the validation
+  reference is ~0, so the two feature paths agree (order, trimming, formats)."""
+  _, extractor = parts
+  config = _config(scenes_data_dir, num_samples=8, batch=4, shard_size=4)
+  real, _ = _validation(config)
+  sharding = parallel.batch_sharding(mesh, config.sharding_rules)
+
+  def draw(index):
+    return {k: jax.device_put(v[index * 4:(index + 1) * 4], sharding) for k, v in real.items()}
+
+  generated = ge.generate_features(config, str(tmp_path), 0, draw, extractor)
+  reference = ge.load_reference(config, str(tmp_path), extractor, mesh)
+  scores = ge.score(generated, reference, config)
+  assert scores['eval/gen/fid'] == pytest.approx(0.0, abs=1e-6)
+  for m in ('rgb', 'depth', 'normal', 'segmentation'):
+    assert scores[f'eval/gen/scenes_fd/{m}'] == pytest.approx(0.0, abs=1e-6), m
+  assert scores['eval/gen/precision'] == 1.0 and scores['eval/gen/recall'] == 1.0
+  # A changed set is told apart: the RGB channels reversed.
+  flipped = dict(generated)
+  shuffled = {k: v[..., ::-1] if k == 'rgb' else v for k, v in real.items()}
+  flipped.update({k: np.asarray(v) for k, v in extractor.fn(
+      {k: jax.device_put(v, sharding) for k, v in shuffled.items()}).items()
+                  if k in ('scenes/rgb', ge.POOL3, ge.LOGITS)})
+  changed = ge.score(flipped, reference, config)
+  assert changed['eval/gen/scenes_fd/rgb'] > 1e-3 and changed['eval/gen/fid'] > 1e-3
+
+
+def test_bad_sizes_are_refused(scenes_data_dir, mesh):
+  with pytest.raises(ValueError, match='shard_size=12 must be a positive multiple'):
+    ge._check_sizes(_config(scenes_data_dir, shard_size=12), mesh)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match='batch=6 must be a positive multiple of the 4 ways'):
+    ge._check_sizes(_config(scenes_data_dir, batch=6, shard_size=12), mesh)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="features='fid'"):
+    ge.requested_nets(_config(scenes_data_dir, features='fid'))
