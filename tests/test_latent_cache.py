@@ -127,6 +127,23 @@ def test_cached_moments_are_the_vae_encoding_of_the_pipeline_images(
                              encoder({'rgb': batch['rgb']}), rtol=1e-6, atol=1e-6)
 
 
+def test_float16_records_are_the_float32_values_rounded(cache_dir, scenes_data_dir, vae_dir,
+                                                        tmp_path):
+  out = str(tmp_path / 'f16')
+  config = make_config(scenes_data_dir, vae_dir, latent_cache_dtype='float16')
+  manifest = latent_cache.build(config, out, shard_size=SHARD_SIZE)
+  assert manifest['fields']['rgb_moments']['dtype'] == 'float16'
+  for half, full in zip(_records(out), _records(cache_dir)):
+    assert sorted(half) == sorted(full)
+    for k, x in full.items():
+      want = x.astype(np.float16) if x.dtype == np.float32 else x
+      assert half[k].dtype == want.dtype, k
+      np.testing.assert_array_equal(half[k], want, err_msg=k)
+  config.data.latent_cache = out
+  batch = next(pipeline.make_iterator(config, 'train', train=True))
+  assert batch['rgb_moments'].dtype == np.float32  # the step sees float32 either way
+
+
 def test_an_interrupted_job_resumes_and_writes_what_one_run_writes(
     cache_dir, scenes_data_dir, vae_dir, tmp_path):
   """The command stops after one shard; a partial shard is left; the rerun completes."""
