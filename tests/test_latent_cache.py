@@ -150,13 +150,7 @@ def test_an_interrupted_job_resumes_and_writes_what_one_run_writes(
   out = str(tmp_path / 'cache')
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  cmd = [sys.executable, '-m', 'mmgen_jax.data.latent_cache',
-         f'--config={REPO}/configs/tiny_cpu.py:latent', f'--out={out}', '--split=train',
-         f'--shard_size={SHARD_SIZE}', '--max_shards=1', f'--config.codec.weights={vae_dir}',
-         f'--config.data.builder_config={SCENES_TEST_BUILD}',
-         f'--config.data.data_dir={scenes_data_dir}', '--config.data.global_batch_size=8',
-         '--config.data.augment.hflip=False', '--config.data.repa_encoder=pooled_rgb_test',
-         '--config.model.repa_z_dim=16']
+  cmd = _command(out, scenes_data_dir, vae_dir, '--max_shards=1')
   run = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'images/s' in run.stderr and 'ETA' in run.stderr
@@ -185,6 +179,41 @@ def test_an_interrupted_job_resumes_and_writes_what_one_run_writes(
   # A finished cache is left alone.
   assert latent_cache.build(make_config(scenes_data_dir, vae_dir), out,
                             shard_size=SHARD_SIZE) == manifest
+
+
+def _command(out, data_dir, vae, *extra):
+  return [sys.executable, '-m', 'mmgen_jax.data.latent_cache',
+          f'--config={REPO}/configs/tiny_cpu.py:latent', f'--out={out}', '--split=train',
+          f'--shard_size={SHARD_SIZE}', f'--config.codec.weights={vae}',
+          f'--config.data.builder_config={SCENES_TEST_BUILD}', f'--config.data.data_dir={data_dir}',
+          '--config.data.global_batch_size=8', '--config.data.augment.hflip=False',
+          '--config.data.repa_encoder=pooled_rgb_test', '--config.model.repa_z_dim=16', *extra]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_split_the_shards(cache_dir, scenes_data_dir, vae_dir, tmp_path):
+  from tests import multiprocess  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'cache')
+  port = multiprocess.free_port()
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', MMGEN_COORDINATOR=f'127.0.0.1:{port}',
+               MMGEN_NUM_PROCESSES='2', MMGEN_PROCESS_ID=str(i),
+               XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    procs.append(subprocess.Popen(_command(out, scenes_data_dir, vae_dir), env=env, cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f'process {i}:\n{logs[i][-3000:]}'
+  assert 'this process writes 2 (0 already done)' in logs[0]  # shards 0 and 2
+  assert 'this process writes 1 (0 already done)' in logs[1]  # shard 1
+  manifest, single = latent_cache.read_manifest(out), latent_cache.read_manifest(cache_dir)
+  assert manifest['complete'] and manifest['shards'] == single['shards']
+  for got, want in zip(_records(out), _records(cache_dir), strict=True):
+    assert sorted(got) == sorted(want)
+    for k in want:  # 2 devices × 2 records here, 8 × 1 there: within the VAE's batch noise
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
 def test_a_cache_for_another_vae_resolution_or_layout_is_refused(
