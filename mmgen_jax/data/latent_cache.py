@@ -211,6 +211,9 @@ def _sha256_files(paths: tuple[str, ...], stamps: tuple[tuple[int, int], ...]) -
 def vae_fingerprint(weights: str) -> str:
   """SHA-256 over the VAE's config.json and weight files (a directory or a .safetensors)."""
   weights = os.fspath(weights or '')
+  if not weights:
+    raise FileNotFoundError('config.codec.weights is empty; set it to the diffusers '
+                            'AutoencoderKL directory (config.json + safetensors) of the VAE.')
   if os.path.isdir(weights):
     paths = sorted(p for p in glob.glob(os.path.join(weights, '*'))
                    if p.endswith(('.json', '.safetensors', '.bin')))
@@ -684,8 +687,11 @@ def main(argv: Sequence[str]) -> None:
   if not _OUT.value:
     raise app.UsageError('--out is required (the cache directory).')
   parallel.initialize_distributed()
-  build(_CONFIG.value, _OUT.value, split=_SPLIT.value or None, shard_size=_SHARD_SIZE.value,
-        batch_size=_BATCH_SIZE.value, max_shards=_MAX_SHARDS.value)
+  try:
+    build(_CONFIG.value, _OUT.value, split=_SPLIT.value or None, shard_size=_SHARD_SIZE.value,
+          batch_size=_BATCH_SIZE.value, max_shards=_MAX_SHARDS.value)
+  except (CacheMismatchError, FileNotFoundError) as e:  # a request to fix, not a crash
+    raise SystemExit(f'latent_cache: {e}') from e
 
 
 if __name__ == '__main__':
