@@ -38,6 +38,18 @@ chips of 95 GB; 8×H100 is 8 devices of 80 GB):
 
   python -m mmgen_jax.main --config=configs/imagenet256_xl2.py --mode=plan \
       --plan_devices=16 --plan_device_memory_gb=95
+
+The released checkpoint (MMGen's 0600000.pt, SiT-XL/2 at 600k steps) runs
+with this config as it is: convert it once (the EMA weights, as exp_sample.py
+uses), then point `sample.checkpoint` at the file and `codec.weights` at a
+local copy of stabilityai/sd-vae-ft-mse (README: "The released MMGen
+checkpoint"):
+
+  python -m mmgen_jax.models.convert --checkpoint 0600000.pt \
+      --config configs/imagenet256_xl2.py --out xl2.safetensors
+  python -m mmgen_jax.main --config=configs/imagenet256_xl2.py --mode=sample \
+      --task=rgb_to_x --config.sample.checkpoint=xl2.safetensors \
+      --config.codec.weights=sd-vae-ft-mse/ --input='photos/*.jpg' --out=out/
 """
 
 import ml_collections
@@ -77,6 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.codec.name = 'sd_vae'             # --vae-path=stabilityai/sd-vae-ft-mse latents
   c.codec.latent_channels = 4
   c.codec.scale = 0.18215             # train.py latents_scale
+  c.codec.weights = ''                # --vae-path: a local sd-vae-ft-mse dir (or .safetensors)
 
   c.model.patch_size = 2              # --model=SiT-XL/2
   c.model.hidden_size = 1152
@@ -132,6 +145,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample.guidance_high = 1.0        # interval [0, 1] (euler_sampler's defaults)
   c.sample.t_cond = 0.005             # exp_sample.py --t-blend-start
   c.sample.num_images = 16
+  c.sample.checkpoint = ''            # '' = the workdir's checkpoint; the released weights:
+                                      # convert's .safetensors (exp_sample.py --ckpt, EMA)
 
   # Generation metrics as in SiT/REPA papers: 50k class-balanced samples, FID/IS/P/R
   # with pytorch-fid's Inception against ADM's reference batch.

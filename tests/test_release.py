@@ -46,7 +46,6 @@ MODEL_OVERRIDES = {
 RUN_OVERRIDES = {
     'model.dtype': 'float32', 'data.name': 'mmgen_scenes', 'data.builder_config': SCENES_BUILD,
     'data.global_batch_size': 8, 'data.worker_count': 0, 'modalities.rgb.field': 'rgb',
-    'objective.repa_coeff': 0.0,  # the scenes hold no DINOv2 features (training only)
     'objective.group_size': 8,    # MMGen's per-process batch of 32 is the whole batch here
     'sample.num_steps': 2, 'sample.num_images': 4, 'eval.num_examples': 4,
 }
