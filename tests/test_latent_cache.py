@@ -288,6 +288,29 @@ def test_a_bad_source_record_is_named_or_skipped_and_listed(scenes_data_dir, vae
   assert 13 not in [int(r['index']) for r in _records(str(tmp_path / 'skip'))]
 
 
+def test_a_non_finite_encoding_is_named(scenes_data_dir, vae_dir, tmp_path, monkeypatch):
+  encode = latent_cache._Encoder.__call__  # pylint: disable=protected-access
+
+  def nan_in_record_2(self, images):
+    out = encode(self, images)
+    if 'first' not in seen:  # the first batch holds records 0..7
+      seen.add('first')
+      out['rgb_moments'] = out['rgb_moments'].copy()
+      out['rgb_moments'][2, 0, 0, 0] = np.nan
+    return out
+  seen = set()
+  monkeypatch.setattr(latent_cache._Encoder, '__call__',  # pylint: disable=protected-access
+                      nan_in_record_2)
+  config = make_config(scenes_data_dir, vae_dir)
+  with pytest.raises(pipeline.BadRecordError,
+                     match=r"train\[2\], field 'rgb_moments': 1 values non-finite"):
+    latent_cache.build(config, str(tmp_path / 'raise'), shard_size=SHARD_SIZE)
+  seen.clear()
+  config.data.on_bad_record, config.data.latent_cache_dtype = 'skip', 'float16'
+  manifest = latent_cache.build(config, str(tmp_path / 'skip'), shard_size=SHARD_SIZE)
+  assert [x['index'] for x in manifest['skipped']] == [2] and manifest['num_records'] == 23
+
+
 def test_a_damaged_cache_record_is_named(cache_dir, scenes_data_dir, vae_dir, tmp_path):
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   damaged = str(tmp_path / 'damaged')

@@ -388,17 +388,20 @@ def _record(example: Mapping[str, Any], encoded: Mapping[str, np.ndarray], row: 
   for m in mods:
     if not m.is_image:
       out[m.name] = np.int32(example[m.name])
-  for key, values in encoded.items():
-    x = values[row]
-    if not np.isfinite(x).all():
+  arrays = {key: values[row] for key, values in encoded.items()}
+  if modalities_lib.REPA_FEATURES not in arrays and modalities_lib.REPA_FEATURES in example:
+    arrays[modalities_lib.REPA_FEATURES] = example[modalities_lib.REPA_FEATURES]
+  for key, x in arrays.items():
+    stored = np.asarray(x).astype(dtype)
+    if not np.isfinite(stored).all():
+      what = ('non-finite' if not np.isfinite(x).all()
+              else f'beyond the range of {dtype} (max |x| = {np.abs(x).max():.4g})')
       e = pipeline.BadRecordError(split, int(example[INDEX]), key,
-                                  f'{(~np.isfinite(x)).sum()} non-finite values after encoding')
+                                  f'{(~np.isfinite(stored)).sum()} values {what}')
       if not skip:
         raise e
       return None, e.where
-    out[key] = x.astype(dtype)
-  if modalities_lib.REPA_FEATURES not in out and modalities_lib.REPA_FEATURES in example:
-    out[modalities_lib.REPA_FEATURES] = np.asarray(example[modalities_lib.REPA_FEATURES], dtype)
+    out[key] = stored
   return out, None
 
 
