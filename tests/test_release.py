@@ -240,6 +240,44 @@ def test_mmgen_encodings_decode_back_to_depth_normals_and_segments(release):
   assert len(pairs) == len(np.unique(ids)) == len(np.unique(got))
 
 
+@pytest.mark.slow
+def test_every_task_reads_and_writes_mmgen_files(release, restored, tmp_path):
+  """MMGen's stored condition files (8-bit disparity, a colour per segment), an ensemble of
+  two (random colours have no vote: no spread) and rgb_to_rgb, on the latent model."""
+  config, paths = release
+  model, _, mesh = restored
+  by = {m.name: m for m in modalities_lib.from_config(config.modalities)}
+  g = np.random.default_rng(4)
+  disparity = np.kron(g.integers(0, 256, (5, 7)), np.ones((8, 8))).astype(np.uint8)
+  disparity[0, 0], disparity[-1, -1] = 0, 255   # as min-max stores it
+  Image.fromarray(disparity).save(tmp_path / 'disp.png')
+  ids = np.kron(g.integers(0, 4, (5, 7)), np.ones((8, 8), np.int64))
+  Image.fromarray(encodings.random_colors(ids, 0, 0)).save(tmp_path / 'mask.png')
+  depth = inference.read_input(str(tmp_path / 'disp.png'), by['depth'])
+  near_far = depth[disparity == 255].max(), depth[disparity == 0].min()
+  np.testing.assert_allclose(near_far, (1.0, 10.0), rtol=1e-6)   # bright = near
+  # Read back into the model, the disparity is MMGen's stored image exactly.
+  np.testing.assert_array_equal(
+      inference.encode(depth, by['depth'])[..., 0], encodings.to_model_space(disparity))
+  seg = inference.read_input(str(tmp_path / 'mask.png'), by['segmentation'])
+  assert len(set(zip(ids.ravel().tolist(), seg.ravel().tolist()))) == len(np.unique(ids))
+
+  def run(**kw):
+    opts = inference.Options(out=str(tmp_path / 'out'), **kw)
+    return inference.run_task(config, model, mesh, opts)
+
+  (r,) = run(task='depth_to_x', inputs=str(tmp_path / 'disp.png'))
+  np.testing.assert_array_equal(r.outputs['depth'], depth)   # the input, as read
+  assert r.outputs['segmentation'].shape == (40, 56)
+  (r,) = run(task='segmentation_to_x', inputs=str(tmp_path / 'mask.png'))
+  np.testing.assert_array_equal(r.outputs['segmentation'], seg)
+  (r,) = run(task='rgb_to_x', inputs=paths['photo'], ensemble=2)
+  assert sorted(r.spread) == ['depth', 'normal'] and r.spread['depth'].shape == PHOTO_HW
+  np.testing.assert_array_equal(r.model['segmentation'], r.members['segmentation'][0])
+  (r,) = run(task='rgb_to_rgb', inputs=paths['photo'])
+  assert r.outputs['input_rgb'].shape == (*PHOTO_HW, 3) and r.outputs['rgb'].shape == (*PHOTO_HW, 3)
+
+
 def test_a_latent_model_without_its_vae_is_refused(release, tmp_path):
   config, paths = release
   config = convert.load_config(XL2, _flags({**paths['overrides'], 'codec.weights': ''}))
