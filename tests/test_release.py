@@ -95,6 +95,22 @@ def test_the_modalities_are_in_the_official_channel_order():
       ('segmentation', 'random_colors')]
 
 
+def test_the_config_builds_the_released_model_key_for_key():
+  """convert --config=imagenet256_xl2.py against the released SiT-XL/2's state-dict manifest."""
+  from mmgen_jax.models import build  # pylint: disable=g-import-not-at-top
+  shapes = {}
+  with open(os.path.join(REPO, 'tests', 'data', 'mmgen_sit_xl2_keys.tsv')) as f:
+    for line in f:
+      key, shape, *_ = line.rstrip('\n').split('\t')
+      if not key.startswith('#'):
+        shapes[key] = tuple(int(v) for v in shape.split('x'))
+  config = convert.load_config(XL2)
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: build.build_model(config, rngs=nnx.Rngs(0)))
+  rules = convert.plan_conversion(model, shapes)  # raises naming any mismatch
+  assert len(rules) == len(shapes) - 1 == 314     # every key but the fixed pos_embed
+
+
 def test_the_converted_file_gives_the_official_outputs(release, restored):
   """convert --config -> .safetensors -> restore_for_inference: the official model's forward."""
   model, step, mesh = restored
