@@ -90,6 +90,9 @@ def _restore_converted(config: ml_collections.ConfigDict, model_fn, plan, mesh):
   """The model with its parameters read from config.sample.checkpoint, in their shards."""
   from mmgen_jax.models import convert  # pylint: disable=g-import-not-at-top
   path = config.sample.checkpoint
+  if not config.sample.use_ema:
+    logging.warning('config.sample.use_ema=False is not read for %s: it holds the weights '
+                    'convert was given (--subset ema or model).', path)
   if not epath.Path(path).exists():
     raise FileNotFoundError(f'config.sample.checkpoint={path!r}: no such file (convert the '
                             'released checkpoint with python -m mmgen_jax.models.convert).')
