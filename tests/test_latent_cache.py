@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -23,8 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The SD architecture's four blocks (8× down) with 8 channels each: 32 px -> 4×4 latents.
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 8, 8],
                 layers_per_block=1, norm_num_groups=4, act_fn='silu', sample_size=32,
-                scaling_factor=0.18215,
-                down_block_types=['DownEncoderBlock2D'] * 4, up_block_types=['UpDecoderBlock2D'] * 4)
+                scaling_factor=0.18215, down_block_types=['DownEncoderBlock2D'] * 4,
+                up_block_types=['UpDecoderBlock2D'] * 4)
 SHARD_SIZE = 10  # 24 train records -> shards of 10, 10, 4
 IMAGES = ('rgb', 'depth', 'normal', 'segmentation')
 

@@ -40,9 +40,10 @@ it keeps reading the TFDS split; the cache holds only what training reads.
 
 Precision: 'float32' (default) stores the VAE's float32 output exactly. 'float16'
 halves the size (ImageNet-256 with DINOv2-B tokens: 0.92 MB a record in float32,
-of which 0.79 MB are the tokens, so 1.18 TB for 1.28M images); its rounding (relative 2^-11 ≈ 4.9e-4 of the mean, absolute in
-logvar) can exceed the posterior's standard deviation, so a draw differs from
-the float32 one by more than its own noise. Either way the batch holds float32.
+of which 0.79 MB are the tokens, so 1.18 TB for 1.28M images), but it rounds
+each value by up to 2^-11 ≈ 4.9e-4 of itself: compare that on the means with
+the posterior's own std exp(logvar / 2) for your VAE before choosing it. Either
+way the batch holds float32.
 
 Resuming: each shard is written under a temporary name, renamed when complete,
 then its `.json` is written (atomically); a restarted job keeps every shard that
@@ -703,7 +704,8 @@ if __name__ == '__main__':
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                             lock_config=True)
   _OUT = flags.DEFINE_string('out', None, 'The cache directory (created; resumed if present).')
-  _SPLIT = flags.DEFINE_string('split', '', 'The split to encode (default config.data.train_split).')
+  _SPLIT = flags.DEFINE_string('split', '',
+                               'The split to encode (default config.data.train_split).')
   _SHARD_SIZE = flags.DEFINE_integer('shard_size', 1024, 'Source records per shard.')
   _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Records encoded at once per process '
                                      '(default: its share of config.data.global_batch_size).')
