@@ -274,6 +274,11 @@ def _check_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
                      'for feature statistics.')
 
 
+def sample_classes(first: int, count: int, num_classes: int) -> np.ndarray:
+  """The class of samples first ... first + count − 1: i mod num_classes (balanced)."""
+  return ((first + np.arange(count)) % num_classes).astype(np.int32)
+
+
 def make_sampler(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh,
                  codec: codec_lib.Codec) -> Callable[[int], dict[str, jax.Array]]:
   """batch index -> {image modality: (batch, H, W, C) pixels in model space, global}.
@@ -293,7 +298,7 @@ def make_sampler(config: ml_collections.ConfigDict, model: Any, mesh: jax.shardi
   key = jax.random.fold_in(jax.random.key(int(config.seed), impl=config.train.rng_impl), 5)
 
   def draw(index: int) -> dict[str, jax.Array]:
-    y = ((index * b + np.arange(b)) % num_classes).astype(np.int32)
+    y = sample_classes(index * b, b, num_classes)
     y = jax.make_array_from_callback(y.shape, sharding, lambda i: y[i])
     with jax.set_mesh(mesh):
       return codec.decode(sample(model, jax.random.fold_in(key, index), y))
@@ -350,7 +355,7 @@ def generate_features(config: ml_collections.ConfigDict, workdir: str, step: int
                    s + 1, num_shards, s * size + min(count, (index - first + 1) * b), n, rate,
                    remaining / rate)
     shard = {k: np.concatenate(v)[:count] for k, v in parts.items()}
-    shard['label'] = ((s * size + np.arange(count)) % int(config.data.num_classes)).astype(np.int32)
+    shard['label'] = sample_classes(s * size, count, int(config.data.num_classes))
     shard['fingerprint'] = np.asarray(fingerprint)
     if jax.process_index() == 0:
       write_npz(path, shard)

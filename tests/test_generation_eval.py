@@ -227,3 +227,24 @@ def test_bad_sizes_are_refused(scenes_data_dir, mesh):
     ge._check_sizes(_config(scenes_data_dir, batch=6, shard_size=12), mesh)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="features='fid'"):
     ge.requested_nets(_config(scenes_data_dir, features='fid'))
+
+
+@pytest.mark.slow
+def test_the_fid_inception_architecture_from_a_weights_file(scenes_data_dir, mesh, parts,
+                                                            tmp_path):
+  """The real network (random weights written in the .pth key layout) read from
+  eval.gen.inception_weights: 2048-d pool3, 1008 logits, finite scores."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.models import inception  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'fid_inception_random.safetensors'
+  random_net = inception.FIDInceptionV3(rngs=nnx.Rngs(0))
+  save_file({k: np.ascontiguousarray(v) for k, v in inception.to_pytorch_fid(random_net).items()},
+            str(path))
+  model, _ = parts
+  config = _config(scenes_data_dir, features='inception', inception_weights=str(path))
+  workdir = str(tmp_path / 'work')
+  scores = ge.evaluate_generation(config, workdir, model, 7, mesh)
+  for k in ('fid', 'is_mean', 'precision', 'recall'):
+    assert np.isfinite(scores[f'eval/gen/{k}']), k
+  shard = ge.read_npz(ge.shard_dir(workdir, 7) / 'shard_00000.npz')
+  assert shard[ge.POOL3].shape == (SHARD, 2048) and shard[ge.LOGITS].shape == (SHARD, 1008)

@@ -25,6 +25,9 @@ and the training figures). Train once per dataset:
 
 The training settings are `config.eval.gen.scenes_net.*` (steps, batch size,
 learning rate, widths, seed); a few minutes on 2 CPU cores at the defaults.
+`--check` prints the sanity figures of a trained network instead (scenes FD of
+the validation split against itself, its halves, the train split, blurred and
+channel-shuffled copies).
 """
 
 from __future__ import annotations
@@ -274,11 +277,84 @@ def load_or_train(config: ml_collections.ConfigDict, workdir: str) -> tuple[Scen
   return load(path, config)
 
 
+# ---- sanity figures ------------------------------------------------------------------------
+
+
+def split_images(config: ml_collections.ConfigDict, split: str, limit: int = 0
+                 ) -> dict[str, np.ndarray]:
+  """The image modalities of `split` in model space (up to `limit` records), one process."""
+  names = [m.name for m in modalities_lib.images(modalities_lib.from_config(config.modalities))]
+  parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+  seen = 0
+  for batch in _batches(config, split, train=False):
+    valid = np.asarray(batch['valid'])
+    if not valid.any() or (limit and seen >= limit):
+      break
+    for n in names:
+      parts[n].append(np.asarray(batch[n])[valid])
+    seen += int(valid.sum())
+  out = {n: np.concatenate(v) for n, v in parts.items()}
+  return {n: v[:limit] if limit else v for n, v in out.items()}
+
+
+def blur(x: np.ndarray) -> np.ndarray:
+  """3x3 box blur per channel, edges repeated."""
+  p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='edge')
+  h, w = x.shape[1:3]
+  return sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+
+
+def shuffle_channels(x: np.ndarray) -> np.ndarray:
+  """Channels reversed (RGB -> BGR); a 1-channel map is negated (near <-> far)."""
+  return -x if x.shape[-1] == 1 else x[..., ::-1]
+
+
+def sanity_figures(config: ml_collections.ConfigDict, model: ScenesFeatures,
+                   train_limit: int = 2000) -> dict[str, float]:
+  """Scenes FD per modality of the validation split against: itself, its two halves against
+  each other, the train split (up to train_limit), and blurred and channel-shuffled copies.
+
+  Every set goes through generation_eval's feature path (to_data_format, then the nets).
+  """
+  from mmgen_jax import generation_eval as ge  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import metrics  # pylint: disable=g-import-not-at-top
+  mods = {m.name: m for m in modalities_lib.images(modalities_lib.from_config(config.modalities))}
+  fn = jax.jit(lambda x: model({k: ge.to_data_format(v, mods[k]) for k, v in x.items()}))
+
+  def feats(images):
+    out: dict[str, list[np.ndarray]] = {}
+    n = len(next(iter(images.values())))
+    for i in range(0, n, 256):
+      for k, v in fn({k: jnp.asarray(v[i:i + 256]) for k, v in images.items()}).items():
+        out.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+  val = split_images(config, config.data.eval_split)
+  sets = {'train': feats(split_images(config, config.data.train_split, train_limit)),
+          'blurred': feats({k: blur(v) for k, v in val.items()}),
+          'channel_shuffled': feats({k: shuffle_channels(v) for k, v in val.items()})}
+  fv = feats(val)
+  out = {}
+  for k, f in fv.items():
+    half = len(f) // 2
+    out[f'{k}/val_vs_val'] = metrics.fid_from_features(f, f)
+    out[f'{k}/val_half_vs_half'] = metrics.fid_from_features(f[:half], f[half:])
+    for name, other in sets.items():
+      out[f'{k}/val_vs_{name}'] = metrics.fid_from_features(f, other[k])
+  out['num_val'], out['num_train'] = float(len(next(iter(fv.values())))), float(
+      len(next(iter(sets['train'].values()))))
+  return out
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   path = default_dir(config, flags.FLAGS.workdir)
+  if flags.FLAGS.check:
+    model, _ = load(path, config)
+    print(json.dumps(sanity_figures(config, model), indent=1))
+    return
   model = train(config, path)
   n = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
   print(f'wrote {path} ({n:,} parameters)')
@@ -290,5 +366,8 @@ if __name__ == '__main__':
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'The network goes to <workdir>/scenes_features.')
+  flags.DEFINE_bool('check', False, 'Print the sanity figures of the trained network instead '
+                    '(scenes FD of the validation split vs itself, the train split, blurred '
+                    'and channel-shuffled copies).')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)
