@@ -1,9 +1,21 @@
 r"""The embedded default: procedural 32×32 scenes in pixel space, minutes on a CPU.
 
-A 4-block, 128-wide DiT with patch 2 (256 tokens; patch input 2·2·10 = 40
-channels < 128 wide) trains for a few hundred steps on 2 CPU cores, logs often,
-writes one sample grid and one checkpoint at the end. It shows the whole flow
-working; it does not learn the scenes well (see configs/scenes32.py).
+A 4-block, 256-wide DiT with patch 4 (64 tokens; a patch carries 4·4·10 = 160
+values, below the width) trains 600 steps at batch 32 on the 2,000-scene
+build: joint generation from class labels and RGB → depth / normals /
+segmentation (every conditional sample is conditioned on RGB, as MMGen's RGB→X
+fine-tune does, so depth → RGB is not trained here; configs/scenes32.py trains
+every condition).
+
+Two choices make it learn within minutes. The network predicts the clean
+images (`objective.prediction='x0'`): in pixel space a 160-value patch is far
+from the low-dimensional data, and asking the network for the noise (or the
+velocity, which contains it) wastes the small model on reproducing noise; with
+x0 the same run went from no better than the image-blind baselines to clearly
+better on every RGB → X score (measured on 2 CPU cores, 600 steps: depth AbsRel
+0.126 → 0.088 (baseline 0.124), normals within 22.5° 0.65 → 0.78 (0.74), mIoU
+0.23 → 0.36 (0.16)). And every sample is supervised on every modality
+(`rgb_only_prob=0`: the scenes' labels are exact, unlike MMGen's pseudo-labels).
 
   python -m mmgen_jax.main --config=configs/tiny_cpu.py --workdir=/tmp/mmgen/tiny
 
@@ -29,21 +41,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data.builder_config = 'res32_small'  # 2,000 train / 200 validation scenes
   c.data.resolution = 32
-  c.data.global_batch_size = 16
+  c.data.global_batch_size = 32
 
-  c.model.patch_size = 2
-  c.model.hidden_size = 128
+  c.model.patch_size = 4
+  c.model.hidden_size = 256
   c.model.depth = 4
   c.model.num_heads = 4
 
-  c.optim.learning_rate = 3e-4   # a small model tolerates a larger step than DiT's 1e-4
-  c.optim.warmup_steps = 20
+  c.objective.prediction = 'x0'          # see the module docstring
+  c.objective.joint_prob = 0.5           # half joint generation ...
+  c.objective.cond_task_fixed = 'rgb'    # ... half RGB -> X
+  c.objective.rgb_only_prob = 0.0        # exact labels: supervise every modality
+
+  c.optim.learning_rate = 5e-4   # a small model tolerates a larger step than DiT's 1e-4
+  c.optim.warmup_steps = 50
+  c.optim.schedule = 'cosine'
   c.optim.ema_decay = 0.99       # an EMA over ~100 steps: meaningful within a short run
 
-  c.train.num_steps = 300
+  c.train.num_steps = 600
   c.train.log_every = 10
-  c.train.sample_every = 300     # one grid, at the end
-  c.train.checkpoint_every = 300
+  c.train.sample_every = 600     # one grid, at the end
+  c.train.checkpoint_every = 600
   c.train.keep_checkpoints = 1
 
   c.sample.num_steps = 20
@@ -69,3 +87,4 @@ def _latent(c: ml_collections.ConfigDict) -> None:
   c.codec.weights = ''             # --config.codec.weights=DIR (config.json + safetensors)
   c.model.patch_size = 1
   c.eval.gen.num_samples = 0      # a random VAE's decodings: scenes FD would score the VAE
+  c.model.hidden_size = 128

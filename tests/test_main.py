@@ -26,12 +26,12 @@ def test_plan_mode_prints_the_figures_for_tiny():
                '--plan_device_memory_gb=1')
   assert r.returncode == 0, r.stderr[-3000:]
   out = r.stdout
-  assert 'DiT width 128 depth 2 heads 4 patch 2 (256 tokens, patch input 40)' in out
-  assert 'devices: 8 (mesh data=8 fsdp=1 tensor=1); global batch 16, 2 samples per device' in out
+  assert 'DiT width 256 depth 2 heads 4 patch 4 (64 tokens, patch input 160)' in out
+  assert 'devices: 8 (mesh data=8 fsdp=1 tensor=1); global batch 32, 4 samples per device' in out
   params = int(out.split('parameters: ')[1].split('\n')[0].replace(',', ''))
-  assert 500_000 < params < 1_000_000  # two 128-wide blocks plus embedders and four heads
+  assert 2_500_000 < params < 4_000_000  # two 256-wide blocks plus embedders and four heads
   flops = float(out.split('FLOPs per train step (forward+backward): ')[1].split(' ')[0])
-  tokens = 16 * 256
+  tokens = 32 * 64
   assert 2 * params * tokens < flops < 6 * params * tokens
   assert 'device memory 1.00 GiB: fits' in out
 
@@ -44,9 +44,9 @@ def test_misspelt_override_names_the_valid_keys():
 
 
 def test_invalid_config_is_refused_before_anything_runs():
-  r = run_main('--mode=train', '--workdir=/nonexistent/never_created', '--config.model.patch_size=4')
+  r = run_main('--mode=train', '--workdir=/nonexistent/never_created', '--config.model.patch_size=8')
   assert r.returncode != 0
-  assert 'patch_size² × input channels = 4² × 10 = 160' in r.stderr
+  assert 'patch_size² × input channels = 8² × 10 = 640' in r.stderr
   assert not os.path.exists('/nonexistent/never_created')
 
 
