@@ -88,3 +88,4 @@ def _latent(c: ml_collections.ConfigDict) -> None:
   c.model.patch_size = 1
   c.eval.gen.num_samples = 0      # a random VAE's decodings: scenes FD would score the VAE
   c.model.hidden_size = 128
+  c.data.augment.hflip = False     # as MMGen's recipe; a latent cache holds unflipped moments
