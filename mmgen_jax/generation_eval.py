@@ -13,7 +13,9 @@ feature networks of `eval.gen.features` while it is still on the devices:
                 eval/gen/precision, eval/gen/recall (k = eval.gen.pr_k)
   scenes     the project's scenes feature network, one per image modality
              (models/scenes_features.py, trained on first use)
-             -> eval/gen/scenes_fd/<modality>
+             -> eval/gen/scenes_fd/<modality>, and eval/gen/class_acc/<modality>:
+                how often its label head reads the requested class off the sample
+                (its own validation accuracy, in its config.json, is the ceiling)
 
 Before any network sees them, samples are put in the form the dataset stores
 (`to_data_format`): RGB clipped to [-1, 1] and rounded to 8 bits, as a saved
@@ -72,6 +74,8 @@ from mmgen_jax.data import palettes
 
 FEATURE_NETS = ('inception', 'scenes')
 POOL3, LOGITS = 'inception/pool3', 'inception/logits'
+SCENES_CLASS = 'scenes_class'  # the scenes network's predicted class per sample and modality
+SHARD_FORMAT = 2  # bumped when a shard's contents change: older shards are redone
 Images = Mapping[str, jax.Array]
 
 
@@ -192,7 +196,9 @@ def make_extractor(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
       out[POOL3], out[LOGITS] = feats, logits
     if 'scenes' in states:
       model = nnx.merge(graphs['scenes'], states['scenes'])
-      out.update({scenes_key(k): v for k, v in model(data).items()})
+      feats, classes = model.features_and_classes(data)
+      out.update({scenes_key(k): v for k, v in feats.items()})
+      out.update({f'{SCENES_CLASS}/{k}': v for k, v in classes.items()})
     out['rgb_out_of_range'] = jnp.mean(jnp.abs(batch[rgb.name]) > 1.0, axis=(1, 2, 3))
     return out
 
@@ -250,7 +256,7 @@ def _gather(x: jax.Array) -> np.ndarray:
 def _fingerprint(config: ml_collections.ConfigDict, extractor: Extractor, step: int) -> str:
   from mmgen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
   g = config.eval.gen
-  return json.dumps({'step': int(step), 'seed': int(config.seed),
+  return json.dumps({'format': SHARD_FORMAT, 'step': int(step), 'seed': int(config.seed),
                      'rng_impl': config.train.rng_impl, 'batch': int(g.batch),
                      'shard_size': int(g.shard_size), 'codec': config.codec.name,
                      'sample': samplers.settings_from_config(config),
@@ -477,6 +483,8 @@ def score(generated: Mapping[str, np.ndarray], reference: Reference,
     if k.startswith('scenes/'):
       out[f'eval/gen/scenes_fd/{k.split("/", 1)[1]}'] = metrics_lib.frechet_distance(
           *metrics_lib.feature_statistics(v), *reference.stats[k])
+    if k.startswith(f'{SCENES_CLASS}/'):  # does the sample show the class it was asked for?
+      out[f'eval/gen/class_acc/{k.split("/", 1)[1]}'] = float(np.mean(v == generated['label']))
   return out
 
 

@@ -86,9 +86,11 @@ def test_scores_are_finite_and_every_shard_is_written(full_run):
   workdir, scores = full_run
   images = ('rgb', 'depth', 'normal', 'segmentation')
   want = ['eval/gen/fid', 'eval/gen/is_mean', 'eval/gen/is_std', 'eval/gen/precision',
-          'eval/gen/recall', *(f'eval/gen/scenes_fd/{m}' for m in images)]
+          'eval/gen/recall', *(f'eval/gen/scenes_fd/{m}' for m in images),
+          *(f'eval/gen/class_acc/{m}' for m in images)]
   for k in want:
     assert np.isfinite(scores[k]), k
+  assert all(0 <= scores[f'eval/gen/class_acc/{m}'] <= 1 for m in images)
   assert scores['eval/gen/num_samples'] == NUM_SAMPLES
   assert scores['eval/gen/reference_num'] == 8  # the validation records
   assert scores['eval/gen/fid'] > 0 and scores['eval/gen/is_mean'] >= 1.0
@@ -218,6 +220,15 @@ def test_real_images_through_the_sample_path_score_zero(scenes_data_dir, mesh, p
                   if k in ('scenes/rgb', ge.POOL3, ge.LOGITS)})
   changed = ge.score(flipped, reference, config)
   assert changed['eval/gen/scenes_fd/rgb'] > 1e-3 and changed['eval/gen/fid'] > 1e-3
+
+
+def test_class_accuracy_counts_samples_read_as_their_requested_class(scenes_data_dir):
+  label = ge.sample_classes(0, 8, 4)
+  generated = {'label': label, f'{ge.SCENES_CLASS}/rgb': label,
+               f'{ge.SCENES_CLASS}/depth': np.where(label == 1, 0, label)}  # class 1 missed
+  reference = ge.Reference({}, {}, 0, 'none')
+  scores = ge.score(generated, reference, _config(scenes_data_dir))
+  assert scores == {'eval/gen/class_acc/rgb': 1.0, 'eval/gen/class_acc/depth': 0.75}
 
 
 def test_bad_sizes_are_refused(scenes_data_dir, mesh):

@@ -95,6 +95,13 @@ class ScenesFeatures(nnx.Module):
   def __call__(self, images: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     return {name: self.nets[name].features(x) for name, x in images.items()}
 
+  def features_and_classes(self, images: Mapping[str, jax.Array]
+                           ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """The features and the predicted scene class (argmax of the label head) per modality."""
+    feats = self(images)
+    return feats, {k: self.nets[k].label(f).argmax(-1).astype(jnp.int32)
+                   for k, f in feats.items()}
+
 
 def _net_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The architecture and data a trained network is tied to (compared on load)."""
