@@ -133,12 +133,12 @@ def test_size_flags_and_config_write_the_same_weights(release, tmp_path):
                 '--repa_encoder_depth', '1', '--repa_z_dim', '32', '--repa_projector_dim', '64',
                 '--out', flags])
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                      nnx.to_pure_dict(nnx.state(restored_model(config), nnx.Param)))
+                      nnx.to_pure_dict(nnx.state(_abstract_model(config), nnx.Param)))
   a, b = convert.read_params(flags, like), convert.read_params(paths['weights'], like)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def restored_model(config):
+def _abstract_model(config):
   from mmgen_jax.models import build  # pylint: disable=g-import-not-at-top
   return nnx.eval_shape(lambda: build.build_model(config, rngs=nnx.Rngs(0)))
 
