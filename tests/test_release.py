@@ -177,10 +177,10 @@ def test_a_released_pt_converts_like_its_state_dict(release, tmp_path):
   sd = {k[len('params/'):]: torch.from_numpy(v.copy()) for k, v in load_file(TINY_SIT).items()
         if k.startswith('params/')}
   pt = str(tmp_path / '0600000.pt')
-  # As MMGen's train.py saves: model, ema, opt, args (an argparse.Namespace), steps.
+  # As MMGen's train.py saves: model, ema, opt, args (vars of its argparse flags), steps.
   zeros = {k: torch.zeros_like(v) for k, v in sd.items()}
-  torch.save({'model': zeros, 'ema': sd, 'opt': {}, 'args': argparse.Namespace(model='SiT-XL/2'),
-              'steps': 600000}, pt)
+  torch.save({'model': zeros, 'ema': sd, 'opt': {}, 'args': vars(argparse.Namespace(
+      model='SiT-XL/2', resolution=256)), 'steps': 600000}, pt)
   out = str(tmp_path / 'from_pt.safetensors')
   convert.main(['--checkpoint', pt, '--config', XL2, *_flags(MODEL_OVERRIDES), '--out', out])
   a, b = load_file(out), load_file(release[1]['weights'])
@@ -363,11 +363,16 @@ def test_joint_generation_from_the_converted_weights(release, restored, tmp_path
 
 
 @pytest.mark.slow
-def test_evaluate_from_the_converted_weights(release, tmp_path):
-  """--mode=evaluate: RGB -> X scores on the 64-px scenes, in MMGen's encodings."""
+def test_evaluate_and_grids_from_the_converted_weights(release, tmp_path):
+  """--mode=evaluate (RGB -> X scores on the 64-px scenes, in MMGen's encodings) and
+  --mode=sample's grids, as main.run does them, from the converted weights."""
+  from mmgen_jax import main as main_lib  # pylint: disable=g-import-not-at-top
   config, _ = release
   scores = evaluate.evaluate(config, str(tmp_path))
   assert scores['eval/num_examples'] == 4
   for key in ('depth/abs_rel', 'normal/mean_deg', 'segmentation/matched_iou'):
     assert np.isfinite(scores[f'eval/{key}']), key
   assert os.path.exists(tmp_path / 'eval' / 'step_000000.json')
+  main_lib.write_samples(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'samples')) == [
+      'checkpoint_000000_from_rgb.png', 'checkpoint_000000_joint.png']

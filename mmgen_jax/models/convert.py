@@ -333,8 +333,13 @@ def _torch_load(path: str, subset: str) -> dict[str, np.ndarray]:
     raise ImportError(f'Reading {path} needs PyTorch (pip install torch); or convert the '
                       'state dict to .safetensors elsewhere and load that.') from e
   # MMGen checkpoints keep their flags as an argparse.Namespace under 'args'.
+  # mmap: a training checkpoint also holds the raw weights and Adam's moments (4× the
+  # EMA weights, ~11 GB for XL/2); only the tensors read are paged in.
   with torch.serialization.safe_globals([argparse.Namespace]):
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+      ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+      ckpt = torch.load(path, map_location='cpu', weights_only=True)
   if isinstance(ckpt, dict) and ('ema' in ckpt or 'model' in ckpt):
     if subset not in ckpt:
       raise KeyError(f'{path}: checkpoint has no {subset!r} entry; it has {sorted(ckpt)}.')
