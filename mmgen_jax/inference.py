@@ -884,7 +884,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, opts: Options) -> list[
   """The command: check, restore the checkpoint, sample, write; returns the directories written."""
   from mmgen_jax import evaluate  # pylint: disable=g-import-not-at-top
   check(config, opts)  # before the (slow) restore
-  model, step, mesh = evaluate.restore_for_inference(config, workdir)
+  try:
+    model, step, mesh = evaluate.restore_for_inference(config, workdir)
+  except ValueError as e:
+    if not config.sample.checkpoint:
+      raise
+    raise InferenceError(str(e)) from e  # converted weights that do not fit the config
   results = run_task(config, model, mesh, opts)
   written = []
   if jax.process_index() == 0:

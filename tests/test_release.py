@@ -168,6 +168,11 @@ def test_a_file_for_another_model_is_refused_naming_the_keys(release):
                                            'model.scan_layers': False}))
   with pytest.raises(ValueError, match=r"config.sample.checkpoint: .* missing keys \['blocks.2"):
     evaluate.restore_for_inference(other, None)
+  # The command says it in one line (an InferenceError), before sampling anything.
+  opts = inference.Options(task='joint', out=str(paths['dir'] / 'never'))
+  with pytest.raises(inference.InferenceError, match=r'does not match the model'):
+    inference.run(other, None, opts)
+  assert not os.path.exists(paths['dir'] / 'never')
 
 
 def test_a_released_pt_converts_like_its_state_dict(release, tmp_path):
