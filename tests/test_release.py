@@ -1,8 +1,8 @@
 """The released MMGen checkpoint, end to end, with tiny random weights of the same architectures.
 
 The official tiny SiT state dict (`params/` of tests/data/mmgen_sit_tiny.safetensors:
-exactly `SiT.state_dict()` of the official model code at the tiny size, see
-tests/data/README_sd_vae.md and /work/shared/parity/README.md) stands in for
+exactly `SiT.state_dict()` of the official model code at the tiny size, with its
+inputs and outputs; tests/data/mmgen_sit_tiny.json describes it) stands in for
 `0600000.pt`, and a random SD-architecture VAE (`autoencoder --random`: 4 blocks,
 8× down) for sd-vae-ft-mse. The config is configs/imagenet256_xl2.py shrunk by
 overrides to the tiny sizes (64 px -> 8×8 latents, width 64, depth 2, 4 heads,
