@@ -304,8 +304,8 @@ def make_sampler(config: ml_collections.ConfigDict, model: Any, mesh: jax.shardi
   key = jax.random.fold_in(jax.random.key(int(config.seed), impl=config.train.rng_impl), 5)
 
   def draw(index: int) -> dict[str, jax.Array]:
-    y = sample_classes(index * b, b, num_classes)
-    y = jax.make_array_from_callback(y.shape, sharding, lambda i: y[i])
+    classes = sample_classes(index * b, b, num_classes)
+    y = jax.make_array_from_callback(classes.shape, sharding, lambda i: classes[i])
     with jax.set_mesh(mesh):
       return codec.decode(sample(model, jax.random.fold_in(key, index), y))
 

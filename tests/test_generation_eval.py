@@ -222,6 +222,21 @@ def test_real_images_through_the_sample_path_score_zero(scenes_data_dir, mesh, p
   assert changed['eval/gen/scenes_fd/rgb'] > 1e-3 and changed['eval/gen/fid'] > 1e-3
 
 
+def test_evaluate_writes_the_generation_scores_beside_the_rgb_to_x_ones(
+    scenes_data_dir, mesh, parts, full_run, tmp_path, monkeypatch):
+  import json  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import evaluate  # pylint: disable=g-import-not-at-top
+  model, extractor = parts
+  monkeypatch.setattr(evaluate, 'restore_for_inference', lambda c, w: (model, 7, mesh))
+  monkeypatch.setattr(evaluate, 'evaluate_predictor', lambda c, p, m: {'eval/num_examples': 8.0})
+  monkeypatch.setattr(evaluate, 'sampler_predictor', lambda c, model, m: None)
+  monkeypatch.setattr(ge, 'make_extractor', lambda *a, **k: extractor)
+  results = evaluate.evaluate(_config(scenes_data_dir), str(tmp_path))
+  written = json.loads((tmp_path / 'eval' / 'step_000007.json').read_text())
+  assert written == {'step': 7, **results}
+  assert results == {'eval/num_examples': 8.0, **full_run[1]}
+
+
 def test_class_accuracy_counts_samples_read_as_their_requested_class(scenes_data_dir):
   label = ge.sample_classes(0, 8, 4)
   generated = {'label': label, f'{ge.SCENES_CLASS}/rgb': label,
