@@ -90,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.codec.latent_channels = 4
   c.codec.scale = 0.18215             # train.py latents_scale
   c.codec.weights = ''                # --vae-path: a local sd-vae-ft-mse dir (or .safetensors)
+  c.codec.precision = 'default'       # --allow-tf32: reduced-precision matmul passes
 
   c.model.patch_size = 2              # --model=SiT-XL/2
   c.model.hidden_size = 1152

@@ -65,7 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.codec.name = 'identity'           # 'identity' | 'sd_vae'
   c.codec.latent_channels = 4
   c.codec.scale = 0.18215
-  c.codec.weights = ''                # safetensors file for 'sd_vae'
+  c.codec.weights = ''                # 'sd_vae': a diffusers directory or .safetensors file
+  c.codec.precision = 'highest'       # VAE matmuls/convs: 'highest' | 'high' | 'default'
 
   # ---- model -----------------------------------------------------------------
   c.model = ml_collections.ConfigDict()

@@ -476,12 +476,6 @@ class AutoencoderKL(nnx.Module):
     return self.decode(self.encode(x)[0])
 
 
-def sample_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
-  """A draw of the diagonal Gaussian posterior: mean + exp(logvar / 2)·ε."""
-  eps = jax.random.normal(key, mean.shape, jnp.float32)
-  return mean + jnp.exp(0.5 * logvar) * eps
-
-
 def create(config: VAEConfig | Mapping[str, Any], *, seed: int = 0, abstract: bool = False,
            **kwargs) -> AutoencoderKL:
   """A randomly initialised model: kernels N(0, 1/fan_in), zero biases, unit norm scales.
@@ -740,11 +734,14 @@ def save_diffusers_dir(model: AutoencoderKL, path: str | os.PathLike) -> None:
   save_file(to_diffusers(model), os.path.join(path, WEIGHTS_NAME))
 
 
-def load_codec(codec_config: Any, *, dtype: Any = jnp.float32) -> AutoencoderKL:
+def load_codec(codec_config: Any, *, dtype: Any = jnp.float32,
+               precision: str | jax.lax.Precision = 'highest') -> AutoencoderKL:
   """The autoencoder of `config.codec` (name 'sd_vae'; `weights` a diffusers directory).
 
   `weights` may also be a `.safetensors` file: its directory's config.json is
-  used when present, else the sd-vae-ft-mse architecture.
+  used when present, else the sd-vae-ft-mse architecture (logged). The VAE's
+  own scaling must be the config's: another VAE with the same keys (SDXL's,
+  scaling 0.13025) would otherwise train silently at the wrong scale.
   """
   if codec_config.name != 'sd_vae':
     raise ValueError(f"config.codec.name={codec_config.name!r}: only 'sd_vae' has an "
@@ -754,7 +751,7 @@ def load_codec(codec_config: Any, *, dtype: Any = jnp.float32) -> AutoencoderKL:
     raise ValueError("config.codec.weights is empty; set it to a diffusers AutoencoderKL "
                      "directory (config.json + diffusion_pytorch_model.safetensors).")
   if os.path.isdir(weights):
-    model = load_diffusers_dir(weights, dtype=dtype)
+    model = load_diffusers_dir(weights, dtype=dtype, precision=precision)
   elif os.path.isfile(weights) and weights.endswith('.safetensors'):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     config_file = os.path.join(os.path.dirname(weights), CONFIG_NAME)
@@ -762,14 +759,20 @@ def load_codec(codec_config: Any, *, dtype: Any = jnp.float32) -> AutoencoderKL:
       with open(config_file) as f:
         config = json.load(f)
     else:
+      logging.info('%s has no %s beside it: reading it as sd-vae-ft-mse.', weights, CONFIG_NAME)
       config = SD_VAE_FT_MSE
-    model = from_diffusers(load_file(weights), config, dtype=dtype)
+    model = from_diffusers(load_file(weights), config, dtype=dtype, precision=precision)
   else:
     raise FileNotFoundError(f'config.codec.weights={weights!r} is neither a directory nor a '
                             '.safetensors file.')
   if model.latent_channels != int(codec_config.latent_channels):
     raise ValueError(f'config.codec.latent_channels={codec_config.latent_channels} but the '
                      f'autoencoder at {weights} has {model.latent_channels} latent channels.')
+  if abs(model.scaling_factor - float(codec_config.scale)) > 1e-6 or model.shift_factor:
+    raise ValueError(f'config.codec.scale={codec_config.scale} but the autoencoder at {weights} '
+                     f'has scaling_factor={model.scaling_factor}, shift_factor='
+                     f'{model.shift_factor}: set config.codec.scale to its scaling_factor (a '
+                     'shifted latent space is not supported).')
   return model
 
 
