@@ -118,3 +118,47 @@ def test_the_model_sees_latent_channels_and_the_downsampled_grid(tiny_vae_dir):
   kwargs = build.model_kwargs(config)
   names = [m.name for m in modalities_lib.images(modalities_lib.from_config(config.modalities))]
   assert kwargs['input_size'] == 4 and kwargs['image_heads'] == (4,) * len(names)
+
+
+def test_the_wrapped_loss_draws_latents_with_a_key_of_their_own():
+  """The latent draw and the loss's own noise must not share a key (same ε twice)."""
+  from configs import tiny_cpu  # pylint: disable=g-import-not-at-top
+  config = tiny_cpu.get_config('latent')
+  seen = {}
+
+  def loss_fn(model, batch, rng):
+    del model
+    seen['batch'], seen['rng'] = batch, rng
+    return 0.0, {}
+
+  loss = codec_lib.wrap_loss(loss_fn, config)
+  names = ('rgb', 'depth', 'normal', 'segmentation')
+  zeros = {codec_lib.moments_field(n): jnp.zeros((2, 4, 4, 8)) for n in names}  # N(0, 1) draws
+  loss(None, zeros, jax.random.key(0))
+  first, rng = seen['batch'], seen['rng']
+  assert not np.array_equal(jax.random.key_data(rng), jax.random.key_data(jax.random.key(0)))
+  assert sorted(first) == sorted(names) and first['rgb'].shape == (2, 4, 4, 4)
+  np.testing.assert_allclose(np.std(np.asarray(first['rgb'])), config.codec.scale, rtol=0.3)
+  loss(None, zeros, jax.random.key(0))
+  np.testing.assert_array_equal(seen['batch']['rgb'], first['rgb'])  # a resumed step: the same
+  loss(None, zeros, jax.random.key(1))
+  assert not np.allclose(seen['batch']['rgb'], first['rgb'])  # the next step: new latents
+  assert codec_lib.wrap_loss(loss_fn, tiny_cpu.get_config()) is loss_fn  # pixels: untouched
+
+
+def test_moments_take_the_batch_sharding_even_when_the_vae_is_split(tiny_vae_dir):
+  """A VAE with its channels over 'tensor' must hand the step moments laid out like the batch."""
+  from configs import tiny_cpu  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import parallel  # pylint: disable=g-import-not-at-top
+  config = tiny_cpu.get_config('latent')
+  config.codec.weights = tiny_vae_dir
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 1, 2
+  config.sharding_rules = [(k, 'tensor' if k == 'channels' else v) for k, v in
+                           parallel.rules_dict(config.sharding_rules).items()]
+  mesh = parallel.make_mesh(config.mesh)
+  rules = parallel.rules_dict(config.sharding_rules)
+  codec = codec_lib.from_config(config, mesh)
+  sharding = parallel.batch_sharding(mesh, rules)
+  images = jax.device_put(np.zeros((4, 32, 32, 3), np.float32), sharding)
+  out = codec.add_moments({'rgb': images})
+  assert out['rgb_moments'].sharding.is_equivalent_to(sharding, 4)
