@@ -160,10 +160,10 @@ def sampler_predictor(config: ml_collections.ConfigDict, model: Any,
 
   def predict(batch: Mapping[str, jax.Array], index: int) -> Mapping[str, jax.Array]:
     k_sample = jax.random.fold_in(key, index)
-    k_encode = jax.random.fold_in(k_sample, 1)
     y = np.full((batch[first.name].shape[0],), num_classes, np.int32)  # null: no label given
     with jax.set_mesh(mesh):
-      cond = codec.encode({first.name: batch[first.name]}, k_encode)[first.name]
+      # The posterior mean, as `--task=rgb_to_x` conditions: the scores describe it.
+      cond = codec.encode_mean({first.name: batch[first.name]})[first.name]
       return codec.decode(sample(model, k_sample, y, cond))
 
   return predict
@@ -326,12 +326,13 @@ def score_encoded(m: modalities_lib.Modality, p: np.ndarray, t: np.ndarray
                   ) -> tuple[dict[str, float], dict[str, float], str, np.ndarray] | None:
   """(scores, own baselines, family, truth) of a modality in an MMGen encoding, or None.
 
-  `family` names the `_baselines` entry the truth feeds ('depth', 'normal'; the
-  class-agnostic segments have their own baseline instead). None: unscorable.
+  `family` names the `_baselines` entry the truth feeds ('normal'; disparity
+  and the class-agnostic segments have their own baselines instead). None: unscorable.
 
   disparity_minmax: the prediction is relative disparity, aligned to 1/depth by
     least squares and inverted (metrics.disparity_depth_metrics); records that
-    hold 8-bit disparity have no depth (NaN truth) and are not scored.
+    hold 8-bit disparity have no depth (NaN truth): they are counted, reported
+    and left out (`depth/num_scored` says how many were scored).
   stablenormal_rgb: decoded to OpenCV-frame normals, then the normal metrics.
   random_colors: colours clustered into segments (encodings.ids_from_colors),
     scored by Hungarian-matched IoU against the segment ids; its baseline is
@@ -339,10 +340,21 @@ def score_encoded(m: modalities_lib.Modality, p: np.ndarray, t: np.ndarray
   """
   if m.encoding == 'disparity_minmax':
     t = t.reshape(t.shape[:3])
-    if not np.isfinite(t).any():
-      logging.warning('evaluate: %s holds 8-bit disparity, no depth: not scored.', m.name)
+    has_depth = np.isfinite(t).reshape(len(t), -1).any(axis=1)
+    if not has_depth.all():
+      logging.warning('evaluate: %d of %d %s records hold 8-bit disparity, no depth: not '
+                      'scored.', int((~has_depth).sum()), len(t), m.name)
+    if not has_depth.any():
       return None
-    return metrics_lib.disparity_depth_metrics(encodings.decode_disparity(p), t), {}, 'depth', t
+    p, t = p[has_depth], t[has_depth]
+    scores = {**metrics_lib.disparity_depth_metrics(encodings.decode_disparity(p), t),
+              'depth/num_scored': float(len(t))}
+    # The image-blind baseline under the same protocol: a disparity constant per
+    # pixel row (the rows' median of 1/depth), aligned in disparity space like the model.
+    rows = np.broadcast_to(np.nanmedian(1.0 / np.where(t > 0, t, np.nan), axis=(0, 2),
+                                        keepdims=True), t.shape)
+    baseline = metrics_lib.disparity_depth_metrics(np.nan_to_num(rows), t)
+    return scores, baseline, 'disparity', t
   if m.encoding == 'stablenormal_rgb':
     return metrics_lib.normal_metrics(encodings.decode_stablenormal_rgb(p), t), {}, 'normal', t
   if m.encoding == 'random_colors':

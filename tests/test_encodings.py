@@ -196,6 +196,31 @@ def test_score_of_the_encoded_truth():
   assert 'eval/baseline/depth/abs_rel' in scores and 'eval/baseline/normal/mean_deg' in scores
 
 
+def test_disparity_records_without_depth_are_counted_and_the_rest_scored():
+  rng = np.random.default_rng(11)
+  depth = rng.uniform(1.0, 8.0, (3, 8, 8))
+  depth[1] = np.nan  # a record that stores 8-bit disparity only
+  rel = 1.0 / np.nan_to_num(depth, nan=1.0)
+  pred = np.repeat((2 * rel / rel.max(axis=(1, 2), keepdims=True) - 1)[..., None], 3, -1)
+  mods = _encoded_mods()[:2]
+  scores = evaluate.score({'depth': pred}, {'depth': depth[..., None]}, mods)
+  assert scores['eval/depth/num_scored'] == 2 and scores['eval/depth/abs_rel'] < 1e-6
+
+
+def test_the_disparity_baseline_is_aligned_like_the_model():
+  # The image-blind baseline must be scored under the model's protocol (alignment in
+  # disparity space), not the metric-depth one: on the same truth the two differ.
+  depth = np.random.default_rng(12).uniform(1.0, 9.0, (2, 8, 8))
+  pred = np.zeros((2, 8, 8, 3))
+  scores = evaluate.score({'depth': pred}, {'depth': depth[..., None]}, _encoded_mods()[:2])
+  row_disparity = np.broadcast_to(np.median(1.0 / depth, axis=(0, 2), keepdims=True), depth.shape)
+  same = metrics.disparity_depth_metrics(row_disparity, depth)['depth/abs_rel']
+  row_depth = np.broadcast_to(np.median(depth, axis=(0, 2), keepdims=True), depth.shape)
+  other = metrics.depth_metrics(row_depth, depth)['depth/abs_rel']
+  assert abs(same - other) > 1e-3
+  np.testing.assert_allclose(scores['eval/baseline/depth/abs_rel'], same, rtol=1e-9)
+
+
 # ---- the pipeline ---------------------------------------------------------------------
 
 
