@@ -599,6 +599,12 @@ class Reader:
       raise CacheMismatchError(f'the latent cache {self.directory} is unfinished (its job was '
                                'interrupted); run the same latent_cache command again to finish.')
     self.manifest = manifest
+    # Records the cache job skipped never reach training: say so once, with the first.
+    self.num_skipped = len(manifest.get('skipped') or ())
+    if self.num_skipped:
+      logging.warning('latent cache %s: %d source records were skipped when it was written '
+                      '(bad records; first: %s); training reads the rest.', self.directory,
+                      self.num_skipped, manifest['skipped'][0])
     self.fields = {k: (np.dtype(v['dtype']), tuple(v['shape']))
                    for k, v in manifest['fields'].items()}
     mods = modalities_lib.from_config(config.modalities)
