@@ -241,7 +241,7 @@ def test_model_kwargs_follow_the_config():
   c.objective.name = 'mt_elbo'
   kw = build.model_kwargs(c)
   assert (kw['in_channels'], kw['image_heads'], kw['time_slots'], kw['class_heads'],
-          kw['num_tasks']) == (6, (3, 1, 3, 3), (6,), (4,), 0)
+          kw['num_tasks']) == (6, (3, 1, 3, 3), (6,), (4,), 3 ** 4 - 1)  # a state per auxiliary
 
   c = config_schema.base_config()
   c.modalities = config_schema.scenes_modalities(with_label_modality=True)
@@ -250,7 +250,7 @@ def test_model_kwargs_follow_the_config():
   kw = build.model_kwargs(c)
   # primary first, then the other image modalities in slot order; labels get a classifier.
   assert (kw['in_channels'], kw['image_heads'], kw['time_slots']) == (6, (3, 3, 1, 3), (6,))
-  assert (kw['class_heads'], kw['num_tasks']) == ((4,), 0)
+  assert (kw['class_heads'], kw['num_tasks']) == ((4,), 3 ** 4 - 1)
   model = nnx.eval_shape(lambda: build.build_model(c, rngs=nnx.Rngs(0)))
   assert isinstance(model, dit.MMDiT) and len(model.class_heads) == 1
 

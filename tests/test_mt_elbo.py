@@ -51,6 +51,7 @@ class FakeTrunk(nnx.Module):
     self.body = nnx.Linear(spec['in_channels'], hidden, rngs=rngs)
     self.t_proj = nnx.Linear(1, hidden, rngs=rngs)
     self.y_emb = nnx.Embed(NUM_CLASSES + 1, hidden, rngs=rngs)
+    self.task_emb = nnx.Embed(spec['num_tasks'] + 1, hidden, rngs=rngs)
     zeros = nnx.initializers.zeros
     self.image_heads = nnx.List([nnx.Linear(hidden, c, kernel_init=zeros, rngs=rngs)
                                  for c in spec['image_heads']])
@@ -58,7 +59,9 @@ class FakeTrunk(nnx.Module):
                                  for k in spec['class_heads']])
 
   def __call__(self, x, t, y, task=None):
-    h = nnx.silu(self.body(x) + (self.t_proj(t) + self.y_emb(y))[:, None, None, :])
+    task = jnp.zeros((x.shape[0],), jnp.int32) if task is None else task
+    c = self.t_proj(t) + self.y_emb(y) + self.task_emb(task)
+    h = nnx.silu(self.body(x) + c[:, None, None, :])
     return Out(images=tuple(head(h) for head in self.image_heads),
                logits=tuple(head(h.mean(axis=(1, 2))) for head in self.class_heads))
 
@@ -184,7 +187,8 @@ def _ddpm_loss(model, batch, rng, T):
   ab = jnp.asarray(paths.vp_alpha_bar_discrete('cosine', T), jnp.float32)[t][:, None, None, None]
   z_t = jnp.sqrt(ab) * z0 + jnp.sqrt(1 - ab) * eps
   x = jnp.concatenate([z_t, jnp.zeros_like(z_t)], -1)
-  pred = model.trunk(x, (t / T)[:, None].astype(jnp.float32), batch['label'], task=None).images[0]
+  task = jnp.full((n,), sum(3 ** i for i in range(len(model.aux_names))))  # all generated
+  pred = model.trunk(x, (t / T)[:, None].astype(jnp.float32), batch['label'], task=task).images[0]
   return jnp.mean((pred - eps) ** 2)
 
 
@@ -256,7 +260,13 @@ def test_masked_image():
 def test_trunk_spec_and_build():
   mods = _mods('rgb', 'depth', 'label')
   assert mt_encoders.trunk_spec(mods, 'rgb') == dict(
-      in_channels=6, image_heads=(3, 1), time_slots=(6,), class_heads=(NUM_CLASSES,), num_tasks=0)
+      in_channels=6, image_heads=(3, 1), time_slots=(6,), class_heads=(NUM_CLASSES,),
+      num_tasks=3 ** 2 - 1, task_embed_init_std=0.0)
+  # Every combination of states has its own row of the task table.
+  states = np.array(np.meshgrid(*[range(3)] * 3, indexing='ij')).reshape(3, -1).T
+  ids = np.asarray(mt_encoders.task_ids(states))
+  assert sorted(ids.tolist()) == list(range(27))
+  np.testing.assert_array_equal(ids, states @ np.array([1, 3, 9]))
   config = config_schema.base_config()
   config.modalities = config_schema.scenes_modalities(with_label_modality=True)
   config.codec.name = 'sd_vae'
@@ -315,7 +325,9 @@ def test_sampler_recovers_a_point_mass(observed, num_steps):
   z0, depth, label = data['rgb'][:1], data['depth'][:1], 2
   oracle = Oracle(sched, z0, depth, label)
   model = mt_encoders.MTDiffusion(oracle, mods=mods, primary='rgb', spatial=HW, rngs=nnx.Rngs(0))
-  oracle.E[...] = model.encode('depth', depth) + model.encode('label', jnp.array([label]))
+  # A generated label is not in the forward process; an observed one is.
+  oracle.E[...] = model.encode('depth', depth) + (
+      model.encode('label', jnp.array([label])) if 'label' in observed else 0.0)
 
   given = {'depth': jnp.broadcast_to(depth, (3, *HW, 1)), 'label': jnp.full((3,), label)}
   given = {k: given[k] for k in observed}
@@ -363,6 +375,12 @@ def test_real_mmdit_trunk_gradients_and_sampling():
     return mt_encoders.MTDiffusion(trunk, mods=mods, primary='rgb', spatial=HW, rngs=rngs)
 
   model = build()
+  # The task embedding starts at zero: the states change nothing until it is trained.
+  z = jnp.asarray(_batch(mods, n=2)['rgb'])
+  t = jnp.array([0.3, 0.7])
+  run = lambda states: model(z, t, jnp.zeros_like(z), jnp.full((2,), NUM_CLASSES),
+                             jnp.asarray(states)).images[0]
+  np.testing.assert_array_equal(run([[0, 0], [0, 0]]), run([[2, 1], [1, 2]]))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   noise = np.random.default_rng(0)
   params = jax.tree.map(lambda p: p + 0.05 * noise.standard_normal(p.shape, np.float32), params)
@@ -381,6 +399,7 @@ def test_real_mmdit_trunk_gradients_and_sampling():
   assert not zero, f'no gradient reaches {zero}'
   assert any('final_layers' in jax.tree_util.keystr(k) for k, _ in flat)
   assert any('class_heads' in jax.tree_util.keystr(k) for k, _ in flat)
+  assert any('task_embedder' in jax.tree_util.keystr(k) for k, _ in flat)
 
   out = mt_elbo.sample(model, jax.random.key(1), mods=mods, cfg=cfg, num=2,
                        num_classes=NUM_CLASSES, observed={'depth': batch['depth'][:2]},
@@ -393,3 +412,210 @@ def test_sampler_refuses_a_class_condition_when_labels_are_a_modality():
   with pytest.raises(ValueError, match='observed='):
     mt_elbo.sample(_model(mods, perturb=False), jax.random.key(0), mods=mods, cfg=_cfg(), num=2,
                    num_classes=NUM_CLASSES, y=jnp.zeros((2,), jnp.int32))
+
+
+# ---- the loss with w != 0, against a direct implementation ------------------------------
+
+def _lam(T, w_max, kind='cosine'):
+  """lambda_t = w_max (t / T) sqrt(ab_t), written out independently of mt_elbo."""
+  ab = paths.vp_alpha_bar_discrete(kind, T)
+  return w_max * np.arange(T + 1) / T * np.sqrt(ab)
+
+
+def _direct_loss_terms(model, batch, rng, cfg):
+  """Denoising and decoder terms of the multi-task loss, drawn from rng as mt_elbo_loss does.
+
+  States: absent below aux_absent_prob, then observed, then generated. E(x) sums
+  the generated and observed images and the observed labels only.
+  """
+  T = cfg.num_timesteps
+  names = model.aux_names
+  z0 = batch['rgb']
+  n = z0.shape[0]
+  k_u, k_eps, _, _ = jax.random.split(rng, 4)
+  u = np.asarray(jax.random.uniform(k_u, (n, 1 + len(names))))
+  t = 1 + np.minimum(np.floor(u[:, 0] * T), T - 1).astype(np.int32)
+  eps = paths.normal(k_eps, z0.shape)
+  ua = u[:, 1:]
+  states = np.where(ua < cfg.aux_absent_prob, 0,
+                    np.where(ua < cfg.aux_absent_prob + cfg.aux_observed_prob, 2, 1))
+  Ex, cond = jnp.zeros_like(z0), jnp.zeros_like(z0)
+  for i, name in enumerate(names):
+    e = model.encode(name, batch[name])
+    in_q = states[:, i] == 2 if name in model.aux_classes else states[:, i] > 0
+    Ex = Ex + jnp.asarray(in_q, jnp.float32)[:, None, None, None] * e
+    cond = cond + jnp.asarray(states[:, i] == 2, jnp.float32)[:, None, None, None] * e
+  ab = paths.vp_alpha_bar_discrete('cosine', T)[t][:, None, None, None]
+  lam = _lam(T, cfg.w_max)[t][:, None, None, None]
+  z_t = np.sqrt(ab) * z0 + lam * Ex + np.sqrt(1 - ab) * eps
+  task = jnp.asarray(states @ (3 ** np.arange(len(names))))
+  y = jnp.full((n,), NUM_CLASSES)  # a class modality: the trunk's label is the null class
+  out = model.trunk(jnp.concatenate([z_t, cond], -1), jnp.asarray(t / T)[:, None], y, task=task)
+  terms = {'loss/denoise': jnp.mean((out.images[0] - eps) ** 2)}
+  gen = states == 1
+  for i, name in enumerate(names):
+    g = gen[:, i]
+    if name in model.aux_classes:
+      logp = jax.nn.log_softmax(out.logits[model.aux_classes.index(name)])
+      nll = -logp[np.arange(n), np.asarray(batch[name])]
+    else:
+      dec = out.images[1 + model.aux_images.index(name)]
+      nll = jnp.mean((dec - batch[name]) ** 2, axis=(1, 2, 3))
+    terms[f'loss/{name}'] = jnp.sum(nll * g) / max(g.sum(), 1)
+  return terms, states
+
+
+def test_loss_with_encoders_matches_a_direct_implementation():
+  mods = _mods('rgb', 'depth', 'label')
+  cfg = _cfg(w_max=3.0, aux_observed_prob=0.35, aux_absent_prob=0.3)
+  model, batch, rng = _model(mods), _batch(mods, n=32), jax.random.key(7)
+  _, metrics = nnx.jit(lambda m, b: mt_elbo.mt_elbo_loss(
+      m, b, rng, mods=mods, cfg=cfg, num_classes=NUM_CLASSES))(model, batch)
+  terms, states = _direct_loss_terms(model, batch, rng, cfg)
+  for s in range(3):  # every state occurs for every auxiliary, so a wrong set shows
+    assert np.all((states == s).sum(0) >= 3), states
+  for key, value in terms.items():
+    np.testing.assert_allclose(metrics[key], value, rtol=1e-5, err_msg=key)
+  # The encodings matter here: with E left out the denoising term moves.
+  _, zero_w = mt_elbo.mt_elbo_loss(model, batch, rng, mods=mods, cfg=_cfg(
+      w_max=0.0, aux_observed_prob=0.35, aux_absent_prob=0.3), num_classes=NUM_CLASSES)
+  assert abs(float(zero_w['loss/denoise']) - float(terms['loss/denoise'])) > 1e-3
+
+
+def test_a_generated_label_is_not_readable_from_the_chain():
+  """The label enters z_t only when observed: its head classifies the image."""
+  mods = _mods('rgb', 'depth', 'label')
+  cfg = _cfg(w_max=3.0, aux_observed_prob=0.0, aux_absent_prob=0.2)
+  model, batch, rng = _model(mods), _batch(mods, n=16), jax.random.key(3)
+  graphdef, state = nnx.split(model)
+  other = nnx.merge(graphdef, state)
+  other.encoders['label'].maps[...] = 5.0 * jax.random.normal(jax.random.key(9),
+                                                              other.encoders['label'].maps.shape)
+  run = nnx.jit(lambda m: mt_elbo.mt_elbo_loss(m, batch, rng, mods=mods, cfg=cfg,
+                                               num_classes=NUM_CLASSES)[1])
+  a, b = run(model), run(other)
+  assert float(a['loss/label']) > 0
+  for key in ('loss/denoise', 'loss/label', 'loss/depth'):
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-6, err_msg=key)
+
+
+# ---- the sampler on Gaussian data: every intermediate step matters ----------------------
+
+class GaussOracle(nnx.Module):
+  """The exact posterior-mean denoiser of z_0 ~ N(mu, s^2 I) under a known shift E."""
+
+  def __init__(self, T, w_max, mu, s, depth):
+    self.T, self.s = T, s
+    self.ab = np.asarray(paths.vp_alpha_bar_discrete('cosine', T), np.float32)
+    self.lam = _lam(T, w_max).astype(np.float32)
+    self.mu, self.depth = nnx.Variable(mu), nnx.Variable(depth)
+    self.E = nnx.Variable(jnp.zeros_like(mu))
+
+  def __call__(self, x, t, y, task=None):
+    z_t = x[..., :self.mu.shape[-1]]
+    t_int = jnp.round(t[:, 0] * self.T).astype(jnp.int32)
+    ab = jnp.asarray(self.ab)[t_int][:, None, None, None]
+    lam = jnp.asarray(self.lam)[t_int][:, None, None, None]
+    zeta = z_t - lam * self.E[...]
+    gain = jnp.sqrt(ab) * self.s ** 2 / (ab * self.s ** 2 + 1 - ab)
+    z0_hat = self.mu[...] + gain * (zeta - jnp.sqrt(ab) * self.mu[...])
+    eps = (zeta - jnp.sqrt(ab) * z0_hat) / jnp.sqrt(1 - ab)
+    n = x.shape[0]
+    return Out(images=(eps, jnp.broadcast_to(self.depth[...], (n, *HW, 1))))
+
+
+def _expected_output(ab, lam_T, E, mu, s, ts):
+  """Mean and variance of the ancestral sampler's output for Gaussian data (linear map)."""
+  m, v = -lam_T * E, 1.0  # zeta_T = z_T - lambda_T E, z_T ~ N(0, I)
+  for t, u in zip(ts[:-1], ts[1:]):
+    a_ts = ab[t] / ab[u]
+    c0 = np.sqrt(ab[u]) * (1 - a_ts) / (1 - ab[t])
+    ct = np.sqrt(a_ts) * (1 - ab[u]) / (1 - ab[t])
+    var = (1 - ab[u]) * (1 - a_ts) / (1 - ab[t])
+    gain = np.sqrt(ab[t]) * s ** 2 / (ab[t] * s ** 2 + 1 - ab[t])
+    m = c0 * (mu + gain * (m - np.sqrt(ab[t]) * mu)) + ct * m
+    v = (c0 * gain + ct) ** 2 * v + var
+  return m, v
+
+
+@pytest.mark.parametrize('observe_depth,num_steps', [(True, None), (False, None), (True, 7)])
+def test_sampler_output_distribution_on_gaussian_data(observe_depth, num_steps):
+  mods = _mods('rgb', 'depth')
+  T, w_max, s, num = 20, 2.0, 0.5, 512
+  cfg = _cfg(w_max=w_max, num_timesteps=T)
+  data = _batch(mods, n=1, seed=6)
+  mu, depth = np.asarray(data['rgb']), data['depth']
+  oracle = GaussOracle(T, w_max, jnp.asarray(mu), s, depth)
+  model = mt_encoders.MTDiffusion(oracle, mods=mods, primary='rgb', spatial=HW, rngs=nnx.Rngs(0))
+  E = model.encode('depth', depth)
+  oracle.E[...] = E
+  given = {'depth': jnp.broadcast_to(depth, (num, *HW, 1))} if observe_depth else {}
+  out = mt_elbo.sample(model, jax.random.key(1), mods=mods, cfg=cfg, num=num,
+                       num_classes=NUM_CLASSES, observed=given, num_steps=num_steps)
+  z = np.asarray(out['rgb'], np.float64)
+  ab = paths.vp_alpha_bar_discrete('cosine', T)
+  m, v = _expected_output(ab, _lam(T, w_max)[T], np.asarray(E, np.float64)[0], mu[0], s,
+                          mt_elbo.step_times(T, num_steps))
+  assert 0.5 * s ** 2 < v < s ** 2  # ancestral sampling with E[z_0|z_t] narrows the data
+  resid = z - m
+  se = np.sqrt(v / num)
+  assert np.all(np.abs(resid.mean(0)) < 5 * se), np.abs(resid.mean(0)).max() / se
+  # The shift direction, pooled over elements: catches a small offset along E.
+  e = np.asarray(E, np.float64)[0]
+  along = (resid.mean(0) * e).sum() / (e * e).sum()
+  assert abs(along) < 5 * se / np.sqrt((e * e).sum()), along
+  np.testing.assert_allclose(resid.var(), v, rtol=5 * np.sqrt(2 / resid.size))
+
+
+# ---- observed primary: RGB -> depth and the label of an image ----------------------------
+
+class Reader(nnx.Module):
+  """Reads its heads off z_t: depth = channel 0, class logits = 50 x channel means."""
+
+  def __call__(self, x, t, y, task=None):
+    z = x[..., :3]
+    return Out(images=(jnp.zeros_like(z), z[..., :1]), logits=(50.0 * z.mean(axis=(1, 2)),))
+
+
+def test_observed_primary_holds_the_image_and_decodes():
+  mods = _mods('rgb', 'depth', 'label')
+  T, w_max, t_cond = 20, 2.0, 0.3
+  cfg = _cfg(w_max=w_max, num_timesteps=T)
+  model = mt_encoders.MTDiffusion(Reader(), mods=mods, primary='rgb', spatial=HW,
+                                  rngs=nnx.Rngs(0))
+  x = _batch(mods, n=5, seed=8)['rgb']
+  key = jax.random.key(4)
+  out = mt_elbo.sample(model, key, mods=mods, cfg=cfg, num=5, num_classes=NUM_CLASSES,
+                       observed={'rgb': x}, t_cond=t_cond)
+  # Held at t = round(t_cond T) = 6: z = sqrt(ab) x + lambda E_hat + sigma eps, one eps;
+  # E_hat = E(depth estimate) (the generated label is not in the chain); two passes.
+  t = 6
+  ab, lam = paths.vp_alpha_bar_discrete('cosine', T)[t], _lam(T, w_max)[t]
+  base = np.sqrt(ab) * x + np.sqrt(1 - ab) * paths.normal(key, x.shape)
+  seen = base  # pass 1: nothing observed, E_hat = 0
+  seen = base + lam * model.encode('depth', seen[..., :1])  # pass 2
+  np.testing.assert_allclose(out['depth'], seen[..., :1], atol=1e-5)
+  np.testing.assert_array_equal(out['label'], np.argmax(np.asarray(seen).mean((1, 2)), -1))
+  np.testing.assert_array_equal(out['rgb'], x)
+  direct = mt_elbo.infer_from_primary(model, x, key, cfg=cfg, num_classes=NUM_CLASSES,
+                                      t_cond=t_cond, generate=['depth'])
+  assert set(direct) == {'rgb', 'depth'}
+  np.testing.assert_allclose(direct['depth'], out['depth'], atol=1e-6)
+
+
+def test_classify_reads_the_image():
+  mods = _mods('rgb', 'depth', 'label')
+  cfg = _cfg(num_timesteps=20)
+  model = mt_encoders.MTDiffusion(Reader(), mods=mods, primary='rgb', spatial=HW,
+                                  rngs=nnx.Rngs(0))
+  labels = np.array([0, 2, 1, 1, 0, 2])
+  images = np.full((6, *HW, 3), -0.5, np.float32)
+  images[np.arange(6), :, :, labels] = 0.8
+  got = mt_elbo.classify(model, images, jax.random.key(0), cfg=cfg, num_classes=NUM_CLASSES)
+  np.testing.assert_array_equal(got, labels)
+  logits = mt_elbo.classify(model, images, jax.random.key(0), cfg=cfg, num_classes=NUM_CLASSES,
+                            logits=True)
+  assert logits.shape == (6, NUM_CLASSES)
+  with pytest.raises(ValueError, match='not a class modality'):
+    mt_elbo.classify(model, images, jax.random.key(0), cfg=cfg, num_classes=NUM_CLASSES,
+                     name='depth')

@@ -198,10 +198,11 @@ def _check_cfg(cfg) -> None:
 
 
 def aux_states(u, names: Sequence[str], cfg, batch: Mapping[str, jax.Array]):
-  """(present, observed) float masks (N, A) over the auxiliary modalities.
+  """(N, A) int32 states (mt_encoders.ABSENT / GENERATED / OBSERVED) of the auxiliaries.
 
-  u: (N, A) uniforms. A batch may carry '<name>_present' (N,) bool for samples
-  that lack a modality.
+  u: (N, A) uniforms: absent below aux_absent_prob, observed in the next
+  aux_observed_prob, generated otherwise. A batch may carry '<name>_present'
+  (N,) bool for samples that lack a modality (then absent).
   """
   n = u.shape[0]
   present = u >= cfg.aux_absent_prob
@@ -210,7 +211,20 @@ def aux_states(u, names: Sequence[str], cfg, batch: Mapping[str, jax.Array]):
     given = jnp.stack([jnp.asarray(batch.get(f'{m}_present', jnp.ones((n,), bool)), bool)
                        for m in names], axis=1)
     present, observed = present & given, observed & given
-  return present.astype(jnp.float32), observed.astype(jnp.float32)
+  return jnp.where(observed, mt_encoders.OBSERVED,
+                   jnp.where(present, mt_encoders.GENERATED, mt_encoders.ABSENT)).astype(jnp.int32)
+
+
+def forward_weights(states, names: Sequence[str], aux_classes: Sequence[str]):
+  """(N, A) float: 1 where E_i enters the forward process q.
+
+  Image modalities enter when generated or observed. A class modality enters
+  only when observed: a generated label is decoded from the image alone, so the
+  label head cannot read it back from the shift lambda_t E(y) (docs/mt_elbo.md §7).
+  """
+  is_class = jnp.asarray([n in aux_classes for n in names], bool)[None, :]
+  observed = states == mt_encoders.OBSERVED
+  return jnp.where(is_class, observed, states != mt_encoders.ABSENT).astype(jnp.float32)
 
 
 def _weighted_sum(encodings: Sequence[jax.Array], weights, like):
@@ -269,15 +283,17 @@ def mt_elbo_loss(model: mt_encoders.MTDiffusion, batch: Mapping[str, jax.Array],
   u = jax.random.uniform(k_u, (n, 1 + len(names)))  # one draw: each draw compiles separately
   t = 1 + jnp.minimum(jnp.floor(u[:, 0] * T), T - 1).astype(jnp.int32)
   eps = paths.normal(k_eps, z0.shape, z0.dtype)
-  present, observed = aux_states(u[:, 1:], names, cfg, batch)
+  states = aux_states(u[:, 1:], names, cfg, batch)
+  observed = (states == mt_encoders.OBSERVED).astype(jnp.float32)
+  generated = (states == mt_encoders.GENERATED).astype(jnp.float32)
   encoded = mt_encoders.encode_all(model, batch)
   encodings = [encoded[m] for m in names]
-  Ex = _weighted_sum(encodings, present, z0)
+  Ex = _weighted_sum(encodings, forward_weights(states, names, model.aux_classes), z0)
   cond = _weighted_sum(encodings, observed, z0)
 
   z_t = sched.q_sample(z0, Ex, t, eps)
   y = _class_condition(mods, batch, k_label, n, num_classes, class_dropout_prob)
-  out = model(z_t, t.astype(jnp.float32) / sched.num_timesteps, cond, y)
+  out = model(z_t, t.astype(jnp.float32) / sched.num_timesteps, cond, y, states)
   decoded = model.decoder_outputs(out)
 
   ab = sched.at(sched.alpha_bar, t, z0.ndim)
@@ -286,7 +302,6 @@ def mt_elbo_loss(model: mt_encoders.MTDiffusion, batch: Mapping[str, jax.Array],
 
   loss = denoise
   metrics = {'loss/denoise': denoise}
-  generated = present * (1.0 - observed)
   for i, name in enumerate(names):
     mod = modalities_lib.by_name(mods, name)
     g = generated[:, i]
@@ -324,41 +339,84 @@ def step_times(num_timesteps: int, num_steps: int | None) -> np.ndarray:
   return np.round(np.linspace(num_timesteps, 0, K + 1)).astype(np.int32)
 
 
-def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib.Modality],
-           cfg, num: int, num_classes: int, observed: Mapping[str, jax.Array] | None = None,
-           generate: Sequence[str] | None = None, y: jax.Array | None = None,
-           num_steps: int | None = None) -> dict[str, jax.Array]:
-  """Ancestral sampling with the derived posterior; returns {name: array}.
+def _states_row(names: Sequence[str], observed, generate) -> np.ndarray:
+  """(A,) int states of a sampling call: observed, generated, otherwise absent."""
+  return np.array([mt_encoders.OBSERVED if m in observed else
+                   mt_encoders.GENERATED if m in generate else mt_encoders.ABSENT
+                   for m in names], np.int32)
 
-  observed: auxiliary modalities given (image transition, masked image,
-  class-conditional); their exact E_i enters both the trunk input and the
-  posterior. generate: auxiliary modalities to generate (default: every one not
-  observed); their E_i is estimated at each step from the decoder heads. Any
-  other auxiliary modality is absent (E_i = 0). y: class condition for a trunk
-  trained with labels (only without class modalities; default null).
 
-  Returns the primary sample, each generated modality's decoder output at the
-  last step (class modalities as int32 ids, read from the classifier head) and
-  the observed inputs.
-  """
-  sched = schedule_from_config(cfg)
+def _check_request(model, observed, generate):
   names = model.aux_names
-  observed = dict(observed or {})
-  unknown = sorted(set(observed) - set(names))
+  unknown = sorted(set(observed) - set(names) - {model.primary})
   if unknown:
-    raise KeyError(f'observed {unknown} are not auxiliary modalities {list(names)}.')
+    raise KeyError(f'observed {unknown} are not modalities of the model (primary '
+                   f'{model.primary!r}, auxiliary {list(names)}).')
   generate = [m for m in names if m not in observed] if generate is None else list(generate)
   bad = sorted(set(generate) - set(names)) + sorted(set(generate) & set(observed))
   if bad:
     raise ValueError(f'generate={generate}: {bad} are unknown or also observed '
                      f'(auxiliary modalities: {list(names)}).')
-  shape = (num, *model.spatial, model.channels)
+  return generate
+
+
+def _estimate(net, decoded, cond, generate):
+  """E_hat = observed encodings + E_i of the generated images' decoder outputs.
+
+  Generated class modalities are not in the forward process (forward_weights),
+  so they add nothing.
+  """
+  E_hat = cond
+  for name in generate:
+    if name not in net.aux_classes:
+      E_hat = E_hat + net.encode_estimate(name, decoded[name])
+  return E_hat
+
+
+def _outputs(model, last, generate):
+  return {k: (jnp.argmax(last[k], -1).astype(jnp.int32) if k in model.aux_classes else last[k])
+          for k in generate}
+
+
+def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib.Modality],
+           cfg, num: int, num_classes: int, observed: Mapping[str, jax.Array] | None = None,
+           generate: Sequence[str] | None = None, y: jax.Array | None = None,
+           num_steps: int | None = None, t_cond: float = 0.005) -> dict[str, jax.Array]:
+  """Ancestral sampling with the derived posterior; returns {name: array}.
+
+  observed: modalities given; their exact E_i enters both the trunk input and
+  the posterior (image transition, masked image, class-conditional). The
+  primary may be observed too (RGB -> depth, classification): then the chain
+  is not sampled but held, see `infer_from_primary` (t_cond, num_steps).
+  generate: auxiliary modalities to generate (default: every one not
+  observed); the E_i of a generated image is estimated at each step from its
+  decoder head. Any other auxiliary modality is absent (E_i = 0). y: class
+  condition for a trunk trained with labels (only without class modalities;
+  default null).
+
+  Returns the primary sample, each generated modality's decoder output at the
+  last step (class modalities as int32 ids, read from the classifier head) and
+  the observed inputs.
+  """
+  observed = dict(observed or {})
+  generate = _check_request(model, observed, generate)
   if y is not None and modalities_lib.classes(mods):
     raise ValueError(
         f'y was given but class modalities {[m.name for m in modalities_lib.classes(mods)]} '
         'are modelled by the chain (the trunk was trained with the null class); condition '
         'on them through observed={name: labels} instead.')
+  if model.primary in observed:
+    primary = observed.pop(model.primary)
+    if primary.shape[0] != num:
+      raise ValueError(f'observed[{model.primary!r}] has {primary.shape[0]} samples; num={num}.')
+    return infer_from_primary(model, primary, rng, cfg=cfg, num_classes=num_classes,
+                              observed=observed, generate=generate, y=y, t_cond=t_cond,
+                              num_iters=2 if num_steps is None else int(num_steps))
+  sched = schedule_from_config(cfg)
+  shape = (num, *model.spatial, model.channels)
   y = jnp.full((num,), num_classes, jnp.int32) if y is None else y
+  states = jnp.broadcast_to(_states_row(model.aux_names, observed, generate),
+                            (num, len(model.aux_names)))
 
   cond = jnp.zeros(shape)
   for name, x in observed.items():
@@ -372,11 +430,9 @@ def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib
     t, s, key = inputs
     net = nnx.merge(graphdef, state)
     t_vec = jnp.full((num,), t)
-    out = net(z, t_vec.astype(jnp.float32) / sched.num_timesteps, cond, y)
+    out = net(z, t_vec.astype(jnp.float32) / sched.num_timesteps, cond, y, states)
     decoded = net.decoder_outputs(out)
-    E_hat = cond
-    for name in generate:
-      E_hat = E_hat + net.encode_estimate(name, decoded[name])
+    E_hat = _estimate(net, decoded, cond, generate)
     ab = sched.at(sched.alpha_bar, t_vec, z.ndim)
     zeta = z - sched.at(sched.lam, t_vec, z.ndim) * E_hat
     eps = paths.vp_convert(zeta, out.images[0].astype(jnp.float32), ab, cfg.prediction, 'eps')
@@ -386,17 +442,102 @@ def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib
     return (z, {k: decoded[k].astype(jnp.float32) for k in generate}), None
 
   # The decoder outputs are carried (not stacked) so memory does not grow with T.
+  z = paths.normal(k_init, shape)
+  keys = jax.random.split(k_steps, len(ts) - 1)
+  (z, last), _ = jax.lax.scan(step, (z, _empty_outputs(model, mods, num, generate)),
+                              (jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]), keys))
+  return {model.primary: z, **{k: jnp.asarray(v) for k, v in observed.items()},
+          **_outputs(model, last, generate)}
+
+
+def _empty_outputs(model, mods, num, generate):
   last = {}
   for name in generate:
     if name in model.aux_classes:
       last[name] = jnp.zeros((num, modalities_lib.by_name(mods, name).channels))
     else:
       last[name] = jnp.zeros((num, *model.spatial, model.aux_channels[name]))
-  z = paths.normal(k_init, shape)
-  keys = jax.random.split(k_steps, len(ts) - 1)
-  (z, last), _ = jax.lax.scan(step, (z, last), (jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]), keys))
-  result = {model.primary: z, **{k: jnp.asarray(v) for k, v in observed.items()}}
-  for name in generate:
-    out = last[name]
-    result[name] = jnp.argmax(out, -1).astype(jnp.int32) if name in model.aux_classes else out
-  return result
+  return last
+
+
+def held_step(num_timesteps: int, t_cond: float) -> int:
+  """The integer time a held primary sits at: round(t_cond T), at least 1."""
+  if not 0.0 <= t_cond < 1.0:
+    raise ValueError(f't_cond={t_cond} must be in [0, 1).')
+  return max(1, int(round(t_cond * num_timesteps)))
+
+
+def infer_from_primary(model: mt_encoders.MTDiffusion, primary, rng, *, cfg, num_classes: int,
+                       observed: Mapping[str, jax.Array] | None = None,
+                       generate: Sequence[str] | None = None, y: jax.Array | None = None,
+                       t_cond: float = 0.005, num_iters: int = 2) -> dict[str, jax.Array]:
+  """The auxiliaries of a given primary (RGB -> depth, the label of an image).
+
+  As a held condition slot of the decoupled sampler, the primary is noised once
+  to the small time t = held_step(T, t_cond) and held there:
+
+      z_t = sqrt(ab_t) x_p + lambda_t E_hat + sigma_t eps,   one eps draw,
+
+  the forward marginal with the unknown encodings replaced by their estimate.
+  E_hat starts at the observed encodings and is refined num_iters times from
+  the decoder heads (lambda_t is tiny at small t, so this settles at once).
+  Returns the generated modalities' decoder outputs of the last pass (class
+  ids by argmax), the primary and the observed inputs.
+  """
+  observed = dict(observed or {})
+  generate = _check_request(model, {**observed, model.primary: None}, generate)
+  if num_iters < 1:
+    raise ValueError(f'num_iters={num_iters} must be >= 1.')
+  sched = schedule_from_config(cfg)
+  primary = jnp.asarray(primary, jnp.float32)
+  num = primary.shape[0]
+  expected = (*model.spatial, model.channels)
+  if primary.shape[1:] != expected:
+    raise ValueError(f'primary {model.primary!r} has shape {primary.shape}; expected '
+                     f'(N, *{expected}) in model space.')
+  y = jnp.full((num,), num_classes, jnp.int32) if y is None else y
+  states = jnp.broadcast_to(_states_row(model.aux_names, observed, generate),
+                            (num, len(model.aux_names)))
+  cond = jnp.zeros_like(primary)
+  for name, x in observed.items():
+    cond = cond + model.encode(name, jnp.asarray(x))
+  t_vec = jnp.full((num,), held_step(sched.num_timesteps, t_cond))
+  eps = paths.normal(rng, primary.shape)
+  z_clean = sched.q_sample(primary, jnp.zeros_like(primary), t_vec, eps)  # E_hat added below
+  lam = sched.at(sched.lam, t_vec, primary.ndim)
+  E_hat, decoded = cond, {}
+  for _ in range(num_iters):
+    out = model(z_clean + lam * E_hat, t_vec.astype(jnp.float32) / sched.num_timesteps, cond,
+                y, states)
+    decoded = {k: v.astype(jnp.float32) for k, v in model.decoder_outputs(out).items()}
+    E_hat = _estimate(model, decoded, cond, generate)
+  return {model.primary: primary, **{k: jnp.asarray(v) for k, v in observed.items()},
+          **_outputs(model, decoded, generate)}
+
+
+def classify(model: mt_encoders.MTDiffusion, images, rng, *, cfg, num_classes: int,
+             name: str | None = None, t_cond: float = 0.005, logits: bool = False):
+  """The label of each given primary image by the label head, the label unobserved.
+
+  Every other auxiliary modality is absent; name: the class modality (default
+  the only one). Returns (N,) int32 ids, or the (N, K) logits with logits=True.
+  """
+  classes = model.aux_classes
+  if name is None:
+    if len(classes) != 1:
+      raise ValueError(f'name=None needs exactly one class modality; the model has '
+                       f'{list(classes)}.')
+    name = classes[0]
+  if name not in classes:
+    raise ValueError(f'{name!r} is not a class modality of the model {list(classes)}.')
+  sched = schedule_from_config(cfg)
+  images = jnp.asarray(images, jnp.float32)
+  num = images.shape[0]
+  t_vec = jnp.full((num,), held_step(sched.num_timesteps, t_cond))
+  z = sched.q_sample(images, jnp.zeros_like(images), t_vec, paths.normal(rng, images.shape))
+  states = jnp.broadcast_to(_states_row(model.aux_names, (), (name,)),
+                            (num, len(model.aux_names)))
+  out = model(z, t_vec.astype(jnp.float32) / sched.num_timesteps, jnp.zeros_like(images),
+              jnp.full((num,), num_classes, jnp.int32), states)
+  head = model.decoder_outputs(out)[name].astype(jnp.float32)
+  return head if logits else jnp.argmax(head, -1).astype(jnp.int32)

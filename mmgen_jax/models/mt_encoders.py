@@ -13,7 +13,9 @@ shift the chain (a free scale would let the encoders grow without bound).
 The trunk is an MMDiT built from `trunk_spec`: input = [z_t, observed
 encodings] on channels, one time slot, image heads (eps for the primary, then
 one decoder per auxiliary image modality), class heads (one classifier per
-auxiliary class modality). See docs/mt_elbo.md for the derivation.
+auxiliary class modality), and a task embedding that tells the trunk the state
+of every auxiliary modality (absent / generated / observed, `task_ids`). See
+docs/mt_elbo.md for the derivation.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ import jax
 import jax.numpy as jnp
 
 from mmgen_jax import modalities as modalities_lib
+
+# State of an auxiliary modality in a sample (docs/mt_elbo.md, section 6).
+ABSENT, GENERATED, OBSERVED = 0, 1, 2
+NUM_STATES = 3
+# The task table has one row per combination of states, NUM_STATES ** A rows.
+MAX_AUX = 6
 
 
 def split_primary(mods: Sequence[modalities_lib.Modality], primary: str
@@ -48,13 +56,25 @@ def trunk_spec(mods: Sequence[modalities_lib.Modality], primary: str,
   """Keyword arguments for the MMDiT trunk of an MT-Diffusion model."""
   p, aux = split_primary(mods, primary)
   c = image_channels(p, latent_channels)
+  if len(aux) > MAX_AUX:
+    raise ValueError(f'{len(aux)} auxiliary modalities {[m.name for m in aux]}: the task '
+                     f'table has {NUM_STATES}^A rows; at most {MAX_AUX} are supported.')
   return dict(
       in_channels=2 * c,  # z_t and the sum of observed encodings
       image_heads=(c,) + tuple(image_channels(m, latent_channels) for m in aux if m.is_image),
       time_slots=(2 * c,),
       class_heads=tuple(m.channels for m in aux if not m.is_image),
-      num_tasks=0,  # no task embedding: which modalities are observed is in the input
+      # One row per combination of auxiliary states (task_ids), zero-initialised so
+      # a new model starts as one without the embedding.
+      num_tasks=NUM_STATES ** len(aux) - 1 if aux else 0,
+      task_embed_init_std=0.0,
   )
+
+
+def task_ids(states):
+  """(N, A) int states (ABSENT / GENERATED / OBSERVED) -> (N,) task ids sum_i s_i 3^i."""
+  states = jnp.asarray(states, jnp.int32)
+  return jnp.sum(states * NUM_STATES ** jnp.arange(states.shape[1], dtype=jnp.int32), axis=1)
 
 
 def rms_normalize(x, eps: float = 1e-6):
@@ -145,9 +165,14 @@ class MTDiffusion(nnx.Module):
       return self.encoders[name].from_probs(jax.nn.softmax(estimate, axis=-1))
     return self.encode(name, estimate)
 
-  def __call__(self, z_t, t, cond, y):
-    """z_t (N,H,W,C); t (N,) in [0, 1]; cond (N,H,W,C) observed encodings; y (N,) int."""
-    out = self.trunk(jnp.concatenate([z_t, cond], axis=-1), t[:, None], y, task=None)
+  def __call__(self, z_t, t, cond, y, states):
+    """z_t (N,H,W,C); t (N,) in [0, 1]; cond (N,H,W,C) observed encodings; y (N,) int;
+    states (N, A) int, each auxiliary's state in `aux_names` order."""
+    if states.shape != (z_t.shape[0], len(self.aux_names)):
+      raise ValueError(f'states has shape {states.shape}; expected (N, {len(self.aux_names)}) '
+                       f'over {list(self.aux_names)}.')
+    task = task_ids(states) if self.aux_names else None
+    out = self.trunk(jnp.concatenate([z_t, cond], axis=-1), t[:, None], y, task=task)
     if out.images[0].shape != z_t.shape:
       raise ValueError(f'trunk image head 0 has shape {out.images[0].shape}; expected the '
                        f'primary {self.primary!r} shape {z_t.shape}.')
