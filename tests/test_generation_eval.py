@@ -1,5 +1,5 @@
 """The generation-metrics job on a small random DiT: shards, resume, reference cache, user
-statistics, and the feature path checked against the real images."""
+statistics, the feature path checked against the real images, two processes."""
 
 import os
 
@@ -9,51 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmgen_jax import config_schema
 from mmgen_jax import generation_eval as ge
 from mmgen_jax import metrics
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax import parallel
 from mmgen_jax.data import pipeline
-from mmgen_jax.models import scenes_features
 from tests.conftest import SCENES_TEST_BUILD
-
-NUM_SAMPLES, BATCH, SHARD = 16, 8, 8  # two shards of one batch each
-
-
-class TinyInception(nnx.Module):
-  """Stand-in for the FID Inception (its interface, fixed random projections): the real
-  network's 299 px forward would take most of this file's time budget."""
-
-  def __init__(self):
-    rng = np.random.default_rng(0)
-    self.proj = nnx.Param(jnp.asarray(rng.normal(size=(48, 32)), jnp.float32))
-    self.fc = nnx.Param(jnp.asarray(rng.normal(size=(32, 10)), jnp.float32))
-
-  def features_and_logits(self, images):
-    assert images.shape[-1] == 3
-    x = jax.image.resize(images, (images.shape[0], 4, 4, 3), 'linear').reshape(-1, 48)
-    feats = jax.nn.relu((2.0 * x - 1.0) @ self.proj[...])
-    return feats, feats @ self.fc[...]
-
-
-def _config(data_dir, **gen):
-  c = config_schema.base_config()
-  c.data.builder_config, c.data.data_dir = SCENES_TEST_BUILD, data_dir
-  c.data.global_batch_size = 8
-  c.model.patch_size, c.model.hidden_size, c.model.depth, c.model.num_heads = 8, 32, 1, 2
-  c.allow_narrow_patch = True
-  c.sample.num_steps = 2
-  c.train.rng_impl = 'rbg'
-  g = c.eval.gen
-  g.num_samples, g.batch, g.shard_size = NUM_SAMPLES, BATCH, SHARD
-  g.features = 'inception,scenes'
-  g.reference_split = 'validation'
-  g.scenes_net.widths = (8, 16)
-  for k, v in gen.items():
-    g[k] = v
-  return c
-
+from tests import multiprocess
+from tests.generation_eval_process import NUM_SAMPLES, SHARD, gen_config, make_parts
 
 @pytest.fixture(scope='module')
 def mesh():
@@ -63,13 +26,7 @@ def mesh():
 @pytest.fixture(scope='module')
 def parts(scenes_data_dir, mesh):
   """The random DiT and an extractor (stand-in Inception, untrained scenes networks)."""
-  from mmgen_jax import train  # pylint: disable=g-import-not-at-top
-  config = _config(scenes_data_dir)
-  model = train.default_parts(config).model_fn(nnx.Rngs(0))
-  scenes = scenes_features.build(scenes_features._net_config(config), seed=0)  # pylint: disable=protected-access
-  extractor = ge.make_extractor(config, '', mesh, inception_model=TinyInception(),
-                                scenes_model=scenes)
-  return model, extractor
+  return make_parts(gen_config(scenes_data_dir, SCENES_TEST_BUILD), mesh)
 
 
 @pytest.fixture(scope='module')
@@ -77,7 +34,7 @@ def full_run(scenes_data_dir, mesh, parts, tmp_path_factory):
   """One uninterrupted run: (workdir, scores)."""
   workdir = str(tmp_path_factory.mktemp('full'))
   model, extractor = parts
-  scores = ge.evaluate_generation(_config(scenes_data_dir), workdir, model, 7, mesh,
+  scores = ge.evaluate_generation(gen_config(scenes_data_dir, SCENES_TEST_BUILD), workdir, model, 7, mesh,
                                   extractor=extractor)
   return workdir, scores
 
@@ -106,7 +63,7 @@ def test_scores_are_finite_and_every_shard_is_written(full_run):
 def test_an_interrupted_run_resumes_to_the_same_scores(scenes_data_dir, mesh, parts, full_run,
                                                        tmp_path):
   model, extractor = parts
-  config = _config(scenes_data_dir)
+  config = gen_config(scenes_data_dir, SCENES_TEST_BUILD)
   workdir = str(tmp_path)
   assert ge.evaluate_generation(config, workdir, model, 7, mesh, extractor=extractor,
                                 max_new_shards=1) == {}
@@ -134,10 +91,10 @@ def test_an_interrupted_run_resumes_to_the_same_scores(scenes_data_dir, mesh, pa
 def test_a_shard_of_other_settings_is_redone(scenes_data_dir, mesh, parts, full_run, tmp_path):
   model, extractor = parts
   workdir = str(tmp_path)
-  guided = _config(scenes_data_dir)
+  guided = gen_config(scenes_data_dir, SCENES_TEST_BUILD)
   guided.sample.cfg_scale = 2.0
   ge.evaluate_generation(guided, workdir, model, 7, mesh, extractor=extractor, max_new_shards=1)
-  scores = ge.evaluate_generation(_config(scenes_data_dir), workdir, model, 7, mesh,
+  scores = ge.evaluate_generation(gen_config(scenes_data_dir, SCENES_TEST_BUILD), workdir, model, 7, mesh,
                                   extractor=extractor)
   assert scores == full_run[1]
 
@@ -156,7 +113,7 @@ def test_the_reference_is_cached_and_reused(scenes_data_dir, mesh, parts, full_r
     raise AssertionError('the cached reference should have been used')
 
   monkeypatch.setattr(ge, 'real_features', no_recompute)
-  again = ge.evaluate_generation(_config(scenes_data_dir), workdir, model, 7, mesh,
+  again = ge.evaluate_generation(gen_config(scenes_data_dir, SCENES_TEST_BUILD), workdir, model, 7, mesh,
                                  extractor=extractor)
   assert again == scores
 
@@ -170,7 +127,7 @@ def test_a_user_statistics_file_in_pytorch_fid_format_is_read(scenes_data_dir, m
   mu, sigma = f.mean(0), np.cov(f, rowvar=False)
   path = tmp_path / 'fid_stats.npz'
   np.savez(path, mu=mu, sigma=sigma)  # pytorch-fid's --save-stats layout
-  config = _config(scenes_data_dir, reference_stats=str(path))
+  config = gen_config(scenes_data_dir, SCENES_TEST_BUILD, reference_stats=str(path))
   scores = ge.evaluate_generation(config, workdir, model, 7, mesh, extractor=extractor)
   gen = np.concatenate([ge.read_npz(ge.shard_dir(workdir, 7) / f'shard_0000{i}.npz')[ge.POOL3]
                         for i in range(2)])
@@ -188,7 +145,7 @@ def _validation(config):
 
 
 def test_real_images_are_a_fixed_point_of_the_data_format(scenes_data_dir):
-  real, mods = _validation(_config(scenes_data_dir))
+  real, mods = _validation(gen_config(scenes_data_dir, SCENES_TEST_BUILD))
   for m in mods:
     np.testing.assert_allclose(np.asarray(ge.to_data_format(jnp.asarray(real[m.name]), m)),
                                real[m.name], atol=2e-6, err_msg=m.name)
@@ -198,7 +155,7 @@ def test_real_images_through_the_sample_path_score_zero(scenes_data_dir, mesh, p
   """The validation images handed in as 'samples': every FD against the validation
   reference is ~0, so the two feature paths agree (order, trimming, formats)."""
   _, extractor = parts
-  config = _config(scenes_data_dir, num_samples=8, batch=4, shard_size=4)
+  config = gen_config(scenes_data_dir, SCENES_TEST_BUILD, num_samples=8, batch=4, shard_size=4)
   real, _ = _validation(config)
   sharding = parallel.batch_sharding(mesh, config.sharding_rules)
 
@@ -231,7 +188,7 @@ def test_evaluate_writes_the_generation_scores_beside_the_rgb_to_x_ones(
   monkeypatch.setattr(evaluate, 'evaluate_predictor', lambda c, p, m: {'eval/num_examples': 8.0})
   monkeypatch.setattr(evaluate, 'sampler_predictor', lambda c, model, m: None)
   monkeypatch.setattr(ge, 'make_extractor', lambda *a, **k: extractor)
-  results = evaluate.evaluate(_config(scenes_data_dir), str(tmp_path))
+  results = evaluate.evaluate(gen_config(scenes_data_dir, SCENES_TEST_BUILD), str(tmp_path))
   written = json.loads((tmp_path / 'eval' / 'step_000007.json').read_text())
   assert written == {'step': 7, **results}
   assert results == {'eval/num_examples': 8.0, **full_run[1]}
@@ -242,17 +199,17 @@ def test_class_accuracy_counts_samples_read_as_their_requested_class(scenes_data
   generated = {'label': label, f'{ge.SCENES_CLASS}/rgb': label,
                f'{ge.SCENES_CLASS}/depth': np.where(label == 1, 0, label)}  # class 1 missed
   reference = ge.Reference({}, {}, 0, 'none')
-  scores = ge.score(generated, reference, _config(scenes_data_dir))
+  scores = ge.score(generated, reference, gen_config(scenes_data_dir, SCENES_TEST_BUILD))
   assert scores == {'eval/gen/class_acc/rgb': 1.0, 'eval/gen/class_acc/depth': 0.75}
 
 
 def test_bad_sizes_are_refused(scenes_data_dir, mesh):
   with pytest.raises(ValueError, match='shard_size=12 must be a positive multiple'):
-    ge._check_sizes(_config(scenes_data_dir, shard_size=12), mesh)  # pylint: disable=protected-access
+    ge._check_sizes(gen_config(scenes_data_dir, SCENES_TEST_BUILD, shard_size=12), mesh)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match='batch=6 must be a positive multiple of the 4 ways'):
-    ge._check_sizes(_config(scenes_data_dir, batch=6, shard_size=12), mesh)  # pylint: disable=protected-access
+    ge._check_sizes(gen_config(scenes_data_dir, SCENES_TEST_BUILD, batch=6, shard_size=12), mesh)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="features='fid'"):
-    ge.requested_nets(_config(scenes_data_dir, features='fid'))
+    ge.requested_nets(gen_config(scenes_data_dir, SCENES_TEST_BUILD, features='fid'))
 
 
 @pytest.mark.slow
@@ -267,10 +224,26 @@ def test_the_fid_inception_architecture_from_a_weights_file(scenes_data_dir, mes
   save_file({k: np.ascontiguousarray(v) for k, v in inception.to_pytorch_fid(random_net).items()},
             str(path))
   model, _ = parts
-  config = _config(scenes_data_dir, features='inception', inception_weights=str(path))
+  config = gen_config(scenes_data_dir, SCENES_TEST_BUILD, features='inception', inception_weights=str(path))
   workdir = str(tmp_path / 'work')
   scores = ge.evaluate_generation(config, workdir, model, 7, mesh)
   for k in ('fid', 'is_mean', 'precision', 'recall'):
     assert np.isfinite(scores[f'eval/gen/{k}']), k
   shard = ge.read_npz(ge.shard_dir(workdir, 7) / 'shard_00000.npz')
   assert shard[ge.POOL3].shape == (SHARD, 2048) and shard[ge.LOGITS].shape == (SHARD, 1008)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_stop_resume_and_score_like_one(scenes_data_dir, full_run, tmp_path):
+  """2 processes x 2 devices on one shared workdir: stopped after a shard, resumed, the
+  scores of one process with 4 devices, on both processes."""
+  script = os.path.join(os.path.dirname(__file__), 'generation_eval_process.py')
+  workdir = tmp_path / 'work'
+  reports = multiprocess.run_workers(script, scenes_data_dir, SCENES_TEST_BUILD, str(workdir),
+                                     out_dir=tmp_path)
+  assert [r['process_index'] for r in reports] == [0, 1]
+  for r in reports:
+    assert r['first'] == {} and r['shards_after_stop'] == ['shard_00000.npz']
+  assert reports[0]['scores'] == reports[1]['scores']
+  assert reports[0]['scores'] == pytest.approx(full_run[1], rel=1e-5)
