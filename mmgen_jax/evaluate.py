@@ -281,13 +281,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   With config.eval.gen.num_samples > 0, also the generation metrics (eval/gen/*,
   generation_eval.py), in the same summaries and JSON file.
   """
-  if config.objective.name != 'decoupled':
-    logging.warning('evaluate: RGB-conditioned prediction needs the decoupled objective; '
-                    '%r is not evaluated.', config.objective.name)
+  if config.objective.name not in ('decoupled', 'mt_elbo'):
+    logging.warning('evaluate: RGB-conditioned prediction needs the decoupled or mt_elbo '
+                    'objective; %r is not evaluated.', config.objective.name)
     return {}
   model, step, mesh = restore_for_inference(config, workdir)
-  results = evaluate_predictor(config, sampler_predictor(config, model, mesh), mesh)
-  if int(config.eval.gen.num_samples) > 0:  # FID / IS / precision-recall / scenes FD
+  if config.objective.name == 'mt_elbo':  # RGB held: transitions and the label head
+    from mmgen_jax import mt_eval  # pylint: disable=g-import-not-at-top
+    results = mt_eval.evaluate_mt(config, model, mesh)
+  else:
+    results = evaluate_predictor(config, sampler_predictor(config, model, mesh), mesh)
+  # FID / IS / precision-recall / scenes FD (of the decoupled sampler)
+  if int(config.eval.gen.num_samples) > 0 and config.objective.name == 'decoupled':
     from mmgen_jax import generation_eval  # pylint: disable=g-import-not-at-top
     results.update(generation_eval.evaluate_generation(config, workdir, model, step, mesh))
 

@@ -619,3 +619,52 @@ def test_classify_reads_the_image():
   with pytest.raises(ValueError, match='not a class modality'):
     mt_elbo.classify(model, images, jax.random.key(0), cfg=cfg, num_classes=NUM_CLASSES,
                      name='depth')
+
+
+# ---- evaluation: RGB held, transitions scored, the label head's accuracy --------------------
+
+class SceneReader(nnx.Module):
+  """Heads read off z_t: depth = channel mean, normal = z, segmentation = z reversed, and
+  class logits from the channel means (4 scene classes)."""
+
+  def __call__(self, x, t, y, task=None):
+    z = x[..., :3]
+    means = z.mean(axis=(1, 2))
+    logits = 50.0 * jnp.concatenate([means, -means.sum(-1, keepdims=True)], -1)
+    return Out(images=(jnp.zeros_like(z), z.mean(-1, keepdims=True), z, z[..., ::-1]),
+               logits=(logits,))
+
+
+def test_evaluate_mt_scores_transitions_and_classification(scenes_data_dir):
+  from mmgen_jax import evaluate, mt_eval, parallel  # pylint: disable=g-import-not-at-top
+  from tests.conftest import SCENES_TEST_BUILD  # pylint: disable=g-import-not-at-top
+  from tests.evaluate_process import eval_config, image_predictor  # pylint: disable=g-import-not-at-top
+  config = eval_config(scenes_data_dir, SCENES_TEST_BUILD)
+  config.modalities = config_schema.scenes_modalities(with_label_modality=True)
+  config.objective.update(dict(name='mt_elbo', primary='rgb', path='vp_linear',
+                               num_timesteps=1000, prediction='eps'))
+  mods = modalities.from_config(config.modalities)
+  model = mt_encoders.MTDiffusion(SceneReader(), mods=mods, primary='rgb', spatial=(32, 32),
+                                  rngs=nnx.Rngs(0))
+  mesh = parallel.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:4])
+  got = mt_eval.evaluate_mt(config, model, mesh)
+  assert got['eval/mt/num_examples'] == 8
+  # The heads read the (nearly clean) held RGB: the scores of reading the RGB itself.
+  direct = evaluate.evaluate_predictor(config, image_predictor, mesh)
+  for key in ('depth/abs_rel', 'normal/mean_deg', 'segmentation/pixel_acc'):
+    np.testing.assert_allclose(got[f'eval/mt/{key}'], direct[f'eval/{key}'], rtol=0.05, atol=0.02,
+                               err_msg=key)
+  labels = np.concatenate([np.asarray(b['label'])[np.asarray(b['valid'])] for b in
+                           pipeline_batches(config)])
+  rgb = np.concatenate([np.asarray(b['rgb'])[np.asarray(b['valid'])] for b in
+                        pipeline_batches(config)])
+  means = rgb.mean(axis=(1, 2))
+  expected = np.argmax(np.concatenate([means, -means.sum(-1, keepdims=True)], -1), -1)
+  # Same ids as the head on the clean image, up to the small noise at t_cond.
+  assert abs(got['eval/mt/label/accuracy'] - np.mean(expected == labels)) <= 2 / 8
+  assert got['eval/mt/label/chance'] == np.bincount(labels).max() / len(labels)
+
+
+def pipeline_batches(config):
+  from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return list(pipeline.make_iterator(config, config.data.eval_split, train=False))
