@@ -8,12 +8,22 @@ T = 1000, noise prediction) as in DDPM, on which MT-Diffusion builds.
 Variants (`--config=configs/mt_diffusion.py:<variant>`):
   all          (default) depth, normals, segmentation and the scene label as
                auxiliary modalities: joint generation of everything, and
-               understanding when an auxiliary is observed
-  joint_label  RGB and the scene label only: joint image-label generation
+               understanding from a given RGB image (held at sample.t_cond;
+               mt_elbo.sample(observed={'rgb': x}) decodes depth, normals,
+               segmentation; mt_elbo.classify the label)
+  joint_label  RGB and the scene label only: joint image-label generation, and
+               classification of a given image (mt_elbo.classify)
   masked       RGB and a masked copy of it (random boxes): masked-image
                training, i.e. inpainting when the masked copy is observed
   transition   RGB and depth, each observed half the time: image transition
-               depth -> RGB (and RGB -> depth through the depth decoder)
+               depth -> RGB (depth observed) and RGB -> depth (RGB given and
+               held, depth decoded)
+
+A generated label is decoded from the image and kept out of the forward
+process (docs/mt_elbo.md §7a); the trunk is told each auxiliary's state
+(absent / generated / observed) by a zero-initialised task embedding, so
+model.use_task_embedding does not apply. `--mode=evaluate` scores RGB -> X
+and the label head under eval/mt/ (mmgen_jax/mt_eval.py).
 """
 
 import ml_collections
@@ -68,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.hidden_size = 256
   c.model.depth = 6
   c.model.num_heads = 4
-  c.model.use_task_embedding = False  # MT-Diffusion conditions through the encodings
+  c.model.use_task_embedding = False  # the trunk_spec sets MT-Diffusion's own state embedding
 
   c.optim.learning_rate = 2e-4
   c.optim.warmup_steps = 200
