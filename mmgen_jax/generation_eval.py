@@ -263,7 +263,7 @@ def _fingerprint(config: ml_collections.ConfigDict, extractor: Extractor, step: 
                      'features': extractor.fingerprints}, sort_keys=True)
 
 
-def _check_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+def check_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   g = config.eval.gen
   sharding = parallel.batch_sharding(mesh, config.sharding_rules)
   axes = sharding.spec[0] if len(sharding.spec) else None
@@ -493,7 +493,7 @@ def evaluate_generation(config: ml_collections.ConfigDict, workdir: str, model: 
                         max_new_shards: int | None = None) -> dict[str, float]:
   """The whole job: samples, features (resumable), reference, scores; {} when stopped early."""
   from mmgen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
-  _check_sizes(config, mesh)
+  check_sizes(config, mesh)
   extractor = extractor or make_extractor(config, workdir, mesh)
   if not extractor.keys:
     logging.warning('generation metrics: no feature network available (%s): nothing scored.',

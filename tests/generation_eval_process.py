@@ -64,7 +64,7 @@ def make_parts(config, mesh):
   from mmgen_jax.models import scenes_features  # pylint: disable=g-import-not-at-top
   graphdef, state = nnx.split(train.default_parts(config).model_fn(nnx.Rngs(0)))
   model = nnx.merge(graphdef, jax.device_put(state, parallel.replicated(mesh)))
-  scenes = scenes_features.build(scenes_features._net_config(config), seed=0)  # pylint: disable=protected-access
+  scenes = scenes_features.build(scenes_features.net_config(config), seed=0)
   return model, ge.make_extractor(config, '', mesh, inception_model=TinyInception(),
                                   scenes_model=scenes)
 

@@ -18,6 +18,10 @@ from tests.conftest import SCENES_TEST_BUILD
 from tests import multiprocess
 from tests.generation_eval_process import NUM_SAMPLES, SHARD, gen_config, make_parts
 
+def _config(data_dir, **gen):
+  return gen_config(data_dir, SCENES_TEST_BUILD, **gen)
+
+
 @pytest.fixture(scope='module')
 def mesh():
   return parallel.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:4])
@@ -26,7 +30,7 @@ def mesh():
 @pytest.fixture(scope='module')
 def parts(scenes_data_dir, mesh):
   """The random DiT and an extractor (stand-in Inception, untrained scenes networks)."""
-  return make_parts(gen_config(scenes_data_dir, SCENES_TEST_BUILD), mesh)
+  return make_parts(_config(scenes_data_dir), mesh)
 
 
 @pytest.fixture(scope='module')
@@ -34,7 +38,7 @@ def full_run(scenes_data_dir, mesh, parts, tmp_path_factory):
   """One uninterrupted run: (workdir, scores)."""
   workdir = str(tmp_path_factory.mktemp('full'))
   model, extractor = parts
-  scores = ge.evaluate_generation(gen_config(scenes_data_dir, SCENES_TEST_BUILD), workdir, model, 7, mesh,
+  scores = ge.evaluate_generation(_config(scenes_data_dir), workdir, model, 7, mesh,
                                   extractor=extractor)
   return workdir, scores
 
@@ -63,7 +67,7 @@ def test_scores_are_finite_and_every_shard_is_written(full_run):
 def test_an_interrupted_run_resumes_to_the_same_scores(scenes_data_dir, mesh, parts, full_run,
                                                        tmp_path):
   model, extractor = parts
-  config = gen_config(scenes_data_dir, SCENES_TEST_BUILD)
+  config = _config(scenes_data_dir)
   workdir = str(tmp_path)
   assert ge.evaluate_generation(config, workdir, model, 7, mesh, extractor=extractor,
                                 max_new_shards=1) == {}
@@ -91,10 +95,10 @@ def test_an_interrupted_run_resumes_to_the_same_scores(scenes_data_dir, mesh, pa
 def test_a_shard_of_other_settings_is_redone(scenes_data_dir, mesh, parts, full_run, tmp_path):
   model, extractor = parts
   workdir = str(tmp_path)
-  guided = gen_config(scenes_data_dir, SCENES_TEST_BUILD)
+  guided = _config(scenes_data_dir)
   guided.sample.cfg_scale = 2.0
   ge.evaluate_generation(guided, workdir, model, 7, mesh, extractor=extractor, max_new_shards=1)
-  scores = ge.evaluate_generation(gen_config(scenes_data_dir, SCENES_TEST_BUILD), workdir, model, 7, mesh,
+  scores = ge.evaluate_generation(_config(scenes_data_dir), workdir, model, 7, mesh,
                                   extractor=extractor)
   assert scores == full_run[1]
 
@@ -113,7 +117,7 @@ def test_the_reference_is_cached_and_reused(scenes_data_dir, mesh, parts, full_r
     raise AssertionError('the cached reference should have been used')
 
   monkeypatch.setattr(ge, 'real_features', no_recompute)
-  again = ge.evaluate_generation(gen_config(scenes_data_dir, SCENES_TEST_BUILD), workdir, model, 7, mesh,
+  again = ge.evaluate_generation(_config(scenes_data_dir), workdir, model, 7, mesh,
                                  extractor=extractor)
   assert again == scores
 
@@ -127,7 +131,7 @@ def test_a_user_statistics_file_in_pytorch_fid_format_is_read(scenes_data_dir, m
   mu, sigma = f.mean(0), np.cov(f, rowvar=False)
   path = tmp_path / 'fid_stats.npz'
   np.savez(path, mu=mu, sigma=sigma)  # pytorch-fid's --save-stats layout
-  config = gen_config(scenes_data_dir, SCENES_TEST_BUILD, reference_stats=str(path))
+  config = _config(scenes_data_dir, reference_stats=str(path))
   scores = ge.evaluate_generation(config, workdir, model, 7, mesh, extractor=extractor)
   gen = np.concatenate([ge.read_npz(ge.shard_dir(workdir, 7) / f'shard_0000{i}.npz')[ge.POOL3]
                         for i in range(2)])
@@ -145,7 +149,7 @@ def _validation(config):
 
 
 def test_real_images_are_a_fixed_point_of_the_data_format(scenes_data_dir):
-  real, mods = _validation(gen_config(scenes_data_dir, SCENES_TEST_BUILD))
+  real, mods = _validation(_config(scenes_data_dir))
   for m in mods:
     np.testing.assert_allclose(np.asarray(ge.to_data_format(jnp.asarray(real[m.name]), m)),
                                real[m.name], atol=2e-6, err_msg=m.name)
@@ -155,7 +159,7 @@ def test_real_images_through_the_sample_path_score_zero(scenes_data_dir, mesh, p
   """The validation images handed in as 'samples': every FD against the validation
   reference is ~0, so the two feature paths agree (order, trimming, formats)."""
   _, extractor = parts
-  config = gen_config(scenes_data_dir, SCENES_TEST_BUILD, num_samples=8, batch=4, shard_size=4)
+  config = _config(scenes_data_dir, num_samples=8, batch=4, shard_size=4)
   real, _ = _validation(config)
   sharding = parallel.batch_sharding(mesh, config.sharding_rules)
 
@@ -188,7 +192,7 @@ def test_evaluate_writes_the_generation_scores_beside_the_rgb_to_x_ones(
   monkeypatch.setattr(evaluate, 'evaluate_predictor', lambda c, p, m: {'eval/num_examples': 8.0})
   monkeypatch.setattr(evaluate, 'sampler_predictor', lambda c, model, m: None)
   monkeypatch.setattr(ge, 'make_extractor', lambda *a, **k: extractor)
-  results = evaluate.evaluate(gen_config(scenes_data_dir, SCENES_TEST_BUILD), str(tmp_path))
+  results = evaluate.evaluate(_config(scenes_data_dir), str(tmp_path))
   written = json.loads((tmp_path / 'eval' / 'step_000007.json').read_text())
   assert written == {'step': 7, **results}
   assert results == {'eval/num_examples': 8.0, **full_run[1]}
@@ -199,17 +203,17 @@ def test_class_accuracy_counts_samples_read_as_their_requested_class(scenes_data
   generated = {'label': label, f'{ge.SCENES_CLASS}/rgb': label,
                f'{ge.SCENES_CLASS}/depth': np.where(label == 1, 0, label)}  # class 1 missed
   reference = ge.Reference({}, {}, 0, 'none')
-  scores = ge.score(generated, reference, gen_config(scenes_data_dir, SCENES_TEST_BUILD))
+  scores = ge.score(generated, reference, _config(scenes_data_dir))
   assert scores == {'eval/gen/class_acc/rgb': 1.0, 'eval/gen/class_acc/depth': 0.75}
 
 
 def test_bad_sizes_are_refused(scenes_data_dir, mesh):
   with pytest.raises(ValueError, match='shard_size=12 must be a positive multiple'):
-    ge._check_sizes(gen_config(scenes_data_dir, SCENES_TEST_BUILD, shard_size=12), mesh)  # pylint: disable=protected-access
+    ge.check_sizes(_config(scenes_data_dir, shard_size=12), mesh)
   with pytest.raises(ValueError, match='batch=6 must be a positive multiple of the 4 ways'):
-    ge._check_sizes(gen_config(scenes_data_dir, SCENES_TEST_BUILD, batch=6, shard_size=12), mesh)  # pylint: disable=protected-access
+    ge.check_sizes(_config(scenes_data_dir, batch=6, shard_size=12), mesh)
   with pytest.raises(ValueError, match="features='fid'"):
-    ge.requested_nets(gen_config(scenes_data_dir, SCENES_TEST_BUILD, features='fid'))
+    ge.requested_nets(_config(scenes_data_dir, features='fid'))
 
 
 @pytest.mark.slow
@@ -224,7 +228,8 @@ def test_the_fid_inception_architecture_from_a_weights_file(scenes_data_dir, mes
   save_file({k: np.ascontiguousarray(v) for k, v in inception.to_pytorch_fid(random_net).items()},
             str(path))
   model, _ = parts
-  config = gen_config(scenes_data_dir, SCENES_TEST_BUILD, features='inception', inception_weights=str(path))
+  config = _config(scenes_data_dir, features='inception', num_samples=8,
+                      inception_weights=str(path))  # one batch: the 299 px forward is slow
   workdir = str(tmp_path / 'work')
   scores = ge.evaluate_generation(config, workdir, model, 7, mesh)
   for k in ('fid', 'is_mean', 'precision', 'recall'):

@@ -103,7 +103,7 @@ class ScenesFeatures(nnx.Module):
                    for k, f in feats.items()}
 
 
-def _net_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def net_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The architecture and data a trained network is tied to (compared on load)."""
   s = config.eval.gen.scenes_net
   mods = modalities_lib.images(modalities_lib.from_config(config.modalities))
@@ -146,7 +146,8 @@ def _segmentation_name(config) -> str:
   seg = [m.name for m in mods if m.encoding == 'segmentation']
   if not seg:
     raise ValueError('the scenes feature network learns from semantic segmentation ids: the '
-                     f'config has no modality with encoding "segmentation" ({[m.name for m in mods]}).')
+                     'config has no modality with encoding "segmentation" '
+                     f'({[m.name for m in mods]}).')
   return seg[0]
 
 
@@ -186,7 +187,7 @@ def train(config: ml_collections.ConfigDict, out_dir: str) -> ScenesFeatures:
   """Trains the networks on config.data.train_split and writes them to `out_dir`."""
   s = config.eval.gen.scenes_net
   seg = _segmentation_name(config)
-  net_config = _net_config(config)
+  net_config = net_config(config)
   model = build(net_config, int(s.seed))
   opt = nnx.Optimizer(model, optax.adamw(float(s.learning_rate), weight_decay=1e-4),
                       wrt=nnx.Param)
@@ -241,7 +242,7 @@ def load(out_dir: str, config: ml_collections.ConfigDict | None = None
                             'mmgen_jax.models.scenes_features --config=... --workdir=...')
   meta = json.loads((d / META).read_text())
   if config is not None:
-    want = _net_config(config)
+    want = net_config(config)
     diff = {k: (meta.get(k), v) for k, v in want.items()
             if k not in ('widths',) and meta.get(k) != v}
     if diff:
