@@ -55,7 +55,7 @@ import io
 import json
 import math
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 from etils import epath
@@ -375,8 +375,9 @@ def generate_features(config: ml_collections.ConfigDict, workdir: str, step: int
 
 
 def real_features(config: ml_collections.ConfigDict, split: str, limit: int,
-                  extractor: Extractor, mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
-  """The feature keys of the real images of `split` (up to `limit`, 0 = all), every process."""
+                  extractor: Extractor, mesh: jax.sharding.Mesh,
+                  keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+  """Feature `keys` (default: all) of the real images of `split` (up to `limit`, 0 = all)."""
   from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   rules = parallel.rules_dict(config.sharding_rules)
   it = pipeline.make_iterator(config, split, train=False)
@@ -390,7 +391,7 @@ def real_features(config: ml_collections.ConfigDict, split: str, limit: int,
     g = pipeline.to_global_batch(batch, mesh, rules)
     feats = extractor.fn(g)
     valid = _gather(g['valid'])
-    for k in extractor.keys:
+    for k in extractor.keys if keys is None else keys:
       parts.setdefault(k, []).append(_gather(feats[k])[valid])
     seen += int(valid.sum())
     logging.log_every_n_seconds(logging.INFO, 'generation metrics: reference %s, %d images, '
@@ -426,7 +427,8 @@ def load_reference(config: ml_collections.ConfigDict, workdir: str, extractor: E
   stats, features, sources, num = {}, {}, [], 0
   user = str(g.reference_stats)
   for net in extractor.fingerprints:
-    keys = [k for k in extractor.keys if k.startswith(f'{net}/')]
+    # Reference logits serve no score (IS is of the samples alone): not kept.
+    keys = [k for k in extractor.keys if k.startswith(f'{net}/') and k != LOGITS]
     if net == 'inception' and user:
       stats[POOL3] = metrics_lib.load_statistics(user)
       sources.append(f'inception: {user}')
@@ -439,8 +441,7 @@ def load_reference(config: ml_collections.ConfigDict, workdir: str, extractor: E
       logging.info('generation metrics: reference features of %s for %s -> %s',
                    g.reference_split, net, path)
       cached = real_features(config, str(g.reference_split), int(g.reference_num), extractor,
-                             mesh)
-      cached = {k: cached[k] for k in keys}
+                             mesh, keys)
       if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_npz(path, cached)
@@ -448,8 +449,7 @@ def load_reference(config: ml_collections.ConfigDict, workdir: str, extractor: E
       sources.append(f'{net}: {path} (computed)')
     for k in keys:
       features[k] = cached[k]
-      if k != LOGITS:
-        stats[k] = metrics_lib.feature_statistics(cached[k])
+      stats[k] = metrics_lib.feature_statistics(cached[k])
       num = len(cached[k])
   return Reference(stats, features, num, '; '.join(sources))
 
