@@ -67,11 +67,12 @@ class FakeTrunk(nnx.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def _model(mods, seed=0, perturb=True):
+def _model(mods, seed=0, perturb=True, masked=''):
   """Built once per argument set (eager initialisation is slow on CPU); never mutated."""
   rngs = nnx.Rngs(seed)
   trunk = FakeTrunk(mt_encoders.trunk_spec(mods, 'rgb'), rngs=rngs)
-  model = mt_encoders.MTDiffusion(trunk, mods=mods, primary='rgb', spatial=HW, rngs=rngs)
+  model = mt_encoders.MTDiffusion(trunk, mods=mods, primary='rgb', spatial=HW, masked=masked,
+                                  rngs=rngs)
   if perturb:  # move the zero-initialised heads so every path carries gradient
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     noise = np.random.default_rng(seed + 100)
@@ -213,7 +214,7 @@ def test_zero_weights_give_the_ddpm_loss(names):
 def test_gradients_reach_every_encoder_head_and_the_trunk():
   mods = _mods('rgb', 'depth', 'label', 'masked_rgb')
   cfg = _cfg(aux_observed_prob=0.5, aux_absent_prob=0.0, masked_modality='masked_rgb')
-  model, batch = _model(mods), _batch(mods, n=16)
+  model, batch = _model(mods, masked='masked_rgb'), _batch(mods, n=16)
 
   @nnx.jit
   def grads(model, batch, rng):
@@ -341,16 +342,18 @@ def test_sampler_recovers_a_point_mass(observed, num_steps):
 @pytest.mark.slow
 def test_sampler_covers_the_three_uses():
   mods = _mods('rgb', 'depth', 'label', 'masked_rgb')
-  model, data = _model(mods), _batch(mods, n=2)
+  model, data = _model(mods, masked='masked_rgb'), _batch(mods, n=2)
   cfg = _cfg()
   run = lambda **kw: mt_elbo.sample(model, jax.random.key(0), mods=mods, cfg=cfg, num=2,
                                     num_classes=NUM_CLASSES, num_steps=4, **kw)
   joint = run(generate=['label'])  # joint image-label generation
   assert joint['rgb'].shape == (2, *HW, 3) and joint['label'].dtype == jnp.int32
   assert 'depth' not in joint  # neither observed nor generated: absent
-  masked, _ = mt_elbo.masked_image(jax.random.key(1), data['rgb'])
-  inpaint = run(observed={'masked_rgb': masked}, generate=[])
-  np.testing.assert_array_equal(inpaint['masked_rgb'], masked)
+  masked, mask = mt_elbo.masked_image(jax.random.key(1), data['rgb'])
+  given = mt_elbo.masked_input(data['rgb'], mask)
+  inpaint = run(observed={'masked_rgb': given}, generate=[])
+  np.testing.assert_array_equal(inpaint['masked_rgb'], given)
+  np.testing.assert_array_equal(given[..., :3], masked)
   transition = run(observed={'depth': data['depth']})  # depth -> rgb (+ label, masked_rgb)
   assert set(transition) == {'rgb', 'depth', 'label', 'masked_rgb'}
   assert all(np.all(np.isfinite(np.asarray(v))) for v in transition.values())
@@ -432,8 +435,13 @@ def _direct_loss_terms(model, batch, rng, cfg):
   names = model.aux_names
   z0 = batch['rgb']
   n = z0.shape[0]
-  k_u, k_eps, _, _ = jax.random.split(rng, 4)
+  k_u, k_eps, k_mask, _ = jax.random.split(rng, 4)
   u = np.asarray(jax.random.uniform(k_u, (n, 1 + len(names))))
+  inputs = dict(batch)
+  if model.masked:  # encoder: [masked image, mask]; decoder target: the whole image
+    mask = np.asarray(mt_elbo.random_box_mask(k_mask, batch[model.masked].shape[:3]))
+    full = np.asarray(batch[model.masked])
+    inputs[model.masked] = jnp.asarray(np.concatenate([full * (1 - mask), mask], -1))
   t = 1 + np.minimum(np.floor(u[:, 0] * T), T - 1).astype(np.int32)
   eps = paths.normal(k_eps, z0.shape)
   ua = u[:, 1:]
@@ -441,7 +449,7 @@ def _direct_loss_terms(model, batch, rng, cfg):
                     np.where(ua < cfg.aux_absent_prob + cfg.aux_observed_prob, 2, 1))
   Ex, cond = jnp.zeros_like(z0), jnp.zeros_like(z0)
   for i, name in enumerate(names):
-    e = model.encode(name, batch[name])
+    e = model.encode(name, inputs[name])
     in_q = states[:, i] == 2 if name in model.aux_classes else states[:, i] > 0
     Ex = Ex + jnp.asarray(in_q, jnp.float32)[:, None, None, None] * e
     cond = cond + jnp.asarray(states[:, i] == 2, jnp.float32)[:, None, None, None] * e
@@ -449,7 +457,8 @@ def _direct_loss_terms(model, batch, rng, cfg):
   lam = _lam(T, cfg.w_max)[t][:, None, None, None]
   z_t = np.sqrt(ab) * z0 + lam * Ex + np.sqrt(1 - ab) * eps
   task = jnp.asarray(states @ (3 ** np.arange(len(names))))
-  y = jnp.full((n,), NUM_CLASSES)  # a class modality: the trunk's label is the null class
+  # With a class modality the trunk's label is the null class, else the batch's label.
+  y = jnp.full((n,), NUM_CLASSES) if model.aux_classes else batch['label']
   out = model.trunk(jnp.concatenate([z_t, cond], -1), jnp.asarray(t / T)[:, None], y, task=task)
   terms = {'loss/denoise': jnp.mean((out.images[0] - eps) ** 2)}
   gen = states == 1
@@ -668,3 +677,36 @@ def test_evaluate_mt_scores_transitions_and_classification(scenes_data_dir):
 def pipeline_batches(config):
   from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return list(pipeline.make_iterator(config, config.data.eval_split, train=False))
+
+
+# ---- masked-image training and inpainting --------------------------------------------------
+
+def test_masked_modality_sees_the_mask_and_decodes_the_whole_image():
+  mods = _mods('rgb', 'masked_rgb')
+  model = _model(mods, masked='masked_rgb')
+  assert model.encoders['masked_rgb'].conv1.kernel.shape[2] == 4  # rgb + mask channel
+  cfg = _cfg(w_max=3.0, aux_observed_prob=0.35, aux_absent_prob=0.3,
+             masked_modality='masked_rgb')
+  batch, rng = _batch(mods, n=32), jax.random.key(11)
+  _, metrics = nnx.jit(lambda m, b: mt_elbo.mt_elbo_loss(
+      m, b, rng, mods=mods, cfg=cfg, num_classes=NUM_CLASSES))(model, batch)
+  terms, _ = _direct_loss_terms(model, batch, rng, cfg)
+  for key, value in terms.items():
+    np.testing.assert_allclose(metrics[key], value, rtol=1e-5, err_msg=key)
+  with pytest.raises(ValueError, match='built with masked'):
+    mt_elbo.mt_elbo_loss(_model(mods), batch, rng, mods=mods, cfg=cfg, num_classes=NUM_CLASSES)
+
+
+@pytest.mark.parametrize('num_steps', [None, 4])
+def test_inpainting_keeps_the_known_pixels(num_steps):
+  mods = _mods('rgb', 'masked_rgb')
+  model, data = _model(mods, masked='masked_rgb'), _batch(mods, n=3, seed=2)
+  mask = mt_elbo.random_box_mask(jax.random.key(2), (3, *HW), min_frac=0.5, max_frac=0.5)
+  given = mt_elbo.masked_input(data['rgb'], mask)
+  out = mt_elbo.sample(model, jax.random.key(0), mods=mods, cfg=_cfg(), num=3,
+                       num_classes=NUM_CLASSES, observed={'masked_rgb': given},
+                       num_steps=num_steps)
+  keep = np.asarray(mask)[..., 0] == 0
+  np.testing.assert_allclose(np.asarray(out['rgb'])[keep], np.asarray(data['rgb'])[keep],
+                             atol=1e-6)
+  assert np.abs(np.asarray(out['rgb'])[~keep] - np.asarray(data['rgb'])[~keep]).mean() > 0.05

@@ -170,6 +170,12 @@ def random_box_mask(rng, shape: tuple[int, int, int], *, min_frac: float = 0.25,
   return (in_rows[:, :, None] & in_cols[:, None, :]).astype(jnp.float32)[..., None]
 
 
+def masked_input(image, mask, *, fill: float = 0.0):
+  """[image with the mask's pixels set to fill, mask]: the masked modality's input."""
+  mask = jnp.broadcast_to(jnp.asarray(mask, image.dtype), (*image.shape[:3], 1))
+  return jnp.concatenate([image * (1.0 - mask) + fill * mask, mask], axis=-1)
+
+
 def masked_image(rng, image, *, fill: float = 0.0, **box_kwargs):
   """The masked-image auxiliary input: `image` with a random box set to `fill`.
 
@@ -272,21 +278,24 @@ def mt_elbo_loss(model: mt_encoders.MTDiffusion, batch: Mapping[str, jax.Array],
   n = z0.shape[0]
   k_u, k_eps, k_mask, k_label = jax.random.split(rng, 4)
 
-  batch = dict(batch)
+  inputs = dict(batch)  # what the encoders see; the decoders' targets stay `batch`
   if cfg.masked_modality:
-    if cfg.masked_modality not in model.aux_images:
-      raise ValueError(f'config.objective.masked_modality={cfg.masked_modality!r} is not an '
-                       f'auxiliary image modality {list(model.aux_images)}.')
-    batch[cfg.masked_modality] = masked_image(k_mask, batch[cfg.masked_modality])[0]
+    if cfg.masked_modality != model.masked:
+      raise ValueError(f'config.objective.masked_modality={cfg.masked_modality!r} but the '
+                       f'model was built with masked={model.masked!r}.')
+    # The encoder sees the masked image and its mask; the decoder predicts the whole
+    # image (a learnable target: the box positions are random).
+    full = batch[cfg.masked_modality]
+    inputs[cfg.masked_modality] = masked_input(full, random_box_mask(k_mask, full.shape[:3]))
 
   T = sched.num_timesteps
   u = jax.random.uniform(k_u, (n, 1 + len(names)))  # one draw: each draw compiles separately
   t = 1 + jnp.minimum(jnp.floor(u[:, 0] * T), T - 1).astype(jnp.int32)
   eps = paths.normal(k_eps, z0.shape, z0.dtype)
-  states = aux_states(u[:, 1:], names, cfg, batch)
+  states = aux_states(u[:, 1:], names, cfg, inputs)
   observed = (states == mt_encoders.OBSERVED).astype(jnp.float32)
   generated = (states == mt_encoders.GENERATED).astype(jnp.float32)
-  encoded = mt_encoders.encode_all(model, batch)
+  encoded = mt_encoders.encode_all(model, inputs)
   encodings = [encoded[m] for m in names]
   Ex = _weighted_sum(encodings, forward_weights(states, names, model.aux_classes), z0)
   cond = _weighted_sum(encodings, observed, z0)
@@ -421,6 +430,7 @@ def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib
   cond = jnp.zeros(shape)
   for name, x in observed.items():
     cond = cond + model.encode(name, jnp.asarray(x))
+  known = _known_pixels(model, mods, observed)
   ts = step_times(sched.num_timesteps, num_steps)
   k_init, k_steps = jax.random.split(rng)
   graphdef, state = nnx.split(model)
@@ -439,6 +449,12 @@ def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib
     z0 = sched.z0_from_eps(z, eps, E_hat, t_vec)
     mean, var = sched.posterior_mean_var(z, z0, E_hat, t_vec, jnp.full((num,), s))
     z = mean + jnp.sqrt(var) * paths.normal(key, z.shape)
+    if known is not None:  # inpainting: the known pixels follow q(z_s | x_known, E_hat)
+      x_known, keep = known
+      s_vec = jnp.full((num,), s)
+      z_known = sched.q_sample(x_known, E_hat, s_vec,
+                               paths.normal(jax.random.fold_in(key, 1), z.shape))
+      z = keep * z_known + (1.0 - keep) * z
     return (z, {k: decoded[k].astype(jnp.float32) for k in generate}), None
 
   # The decoder outputs are carried (not stacked) so memory does not grow with T.
@@ -448,6 +464,22 @@ def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib
                               (jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]), keys))
   return {model.primary: z, **{k: jnp.asarray(v) for k, v in observed.items()},
           **_outputs(model, last, generate)}
+
+
+def _known_pixels(model, mods, observed):
+  """(known primary pixels, keep mask) when an observed masked modality shows the
+  primary's own field (inpainting), else None."""
+  name = model.masked
+  if not name or name not in observed:
+    return None
+  if (modalities_lib.by_name(mods, name).field != modalities_lib.by_name(mods, model.primary).field
+      or model.aux_channels[name] != model.channels):
+    return None
+  given = jnp.asarray(observed[name], jnp.float32)
+  if given.shape[-1] != model.channels + 1:
+    raise ValueError(f'observed[{name!r}] has shape {given.shape}; expected [image, mask] with '
+                     f'{model.channels + 1} channels (mt_elbo.masked_input).')
+  return given[..., :-1], 1.0 - given[..., -1:]
 
 
 def _empty_outputs(model, mods, num, generate):

@@ -128,7 +128,9 @@ class MTDiffusion(nnx.Module):
 
   def __init__(self, trunk: nnx.Module, *, mods: Sequence[modalities_lib.Modality], primary: str,
                spatial: tuple[int, int], latent_channels: int | None = None,
-               encoder_hidden: int = 32, rngs: nnx.Rngs):
+               encoder_hidden: int = 32, masked: str = '', rngs: nnx.Rngs):
+    """masked: an auxiliary image modality given as [image, mask] (one more channel,
+    1 = unknown pixel); its decoder predicts the whole image."""
     p, aux = split_primary(mods, primary)
     self.trunk = trunk
     self.primary = p.name
@@ -137,11 +139,15 @@ class MTDiffusion(nnx.Module):
     self.aux_images = tuple(m.name for m in aux if m.is_image)
     self.aux_classes = tuple(m.name for m in aux if not m.is_image)
     self.aux_channels = {m.name: image_channels(m, latent_channels) for m in aux if m.is_image}
+    if masked and masked not in self.aux_images:
+      raise ValueError(f'masked={masked!r} is not an auxiliary image modality '
+                       f'{list(self.aux_images)}.')
+    self.masked = masked
     encoders = {}
     for m in aux:
       if m.is_image:
-        encoders[m.name] = ImageEncoder(self.aux_channels[m.name], self.channels,
-                                        encoder_hidden, rngs=rngs)
+        encoders[m.name] = ImageEncoder(self.aux_channels[m.name] + int(m.name == masked),
+                                        self.channels, encoder_hidden, rngs=rngs)
       else:
         encoders[m.name] = ClassEncoder(m.channels, self.spatial, self.channels, rngs=rngs)
     self.encoders = nnx.Dict(encoders)
@@ -163,6 +169,8 @@ class MTDiffusion(nnx.Module):
     """E_i of a decoder output: image mean, or class logits -> expected map."""
     if name in self.aux_classes:
       return self.encoders[name].from_probs(jax.nn.softmax(estimate, axis=-1))
+    if name == self.masked:  # the decoded whole image, nothing masked
+      estimate = jnp.concatenate([estimate, jnp.zeros_like(estimate[..., :1])], axis=-1)
     return self.encode(name, estimate)
 
   def __call__(self, z_t, t, cond, y, states):
@@ -197,7 +205,8 @@ def build(trunk: nnx.Module, config, *, spatial: tuple[int, int], rngs: nnx.Rngs
   latent = None if config.codec.name == 'identity' else int(config.codec.latent_channels)
   return MTDiffusion(trunk, mods=modalities_lib.from_config(config.modalities),
                      primary=config.objective.primary, spatial=spatial,
-                     latent_channels=latent, rngs=rngs)
+                     latent_channels=latent, masked=config.objective.masked_modality,
+                     rngs=rngs)
 
 
 def encode_all(model: MTDiffusion, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
