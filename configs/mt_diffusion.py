@@ -13,8 +13,10 @@ Variants (`--config=configs/mt_diffusion.py:<variant>`):
                segmentation; mt_elbo.classify the label)
   joint_label  RGB and the scene label only: joint image-label generation, and
                classification of a given image (mt_elbo.classify)
-  masked       RGB and a masked copy of it (random boxes): masked-image
-               training, i.e. inpainting when the masked copy is observed
+  masked       RGB and a masked copy of it (random boxes, the mask as an extra
+               input channel, the decoder predicting the whole image):
+               masked-image training, i.e. inpainting when the masked copy
+               [image, mask] is observed (the known pixels are kept)
   transition   RGB and depth, each observed half the time: image transition
                depth -> RGB (depth observed) and RGB -> depth (RGB given and
                held, depth decoded)
