@@ -21,8 +21,13 @@ derivation, the bound that yields the decoder terms and the sampler's use of
 E are in docs/mt_elbo.md.
 
 Each auxiliary modality of a sample is in one of three states during training:
-absent (E_i zeroed in the forward process), generated (in the forward process,
-decoded by its head) or observed (also fed to the trunk as a condition).
+absent (E_i zeroed in the forward process), generated (decoded by its head; an
+image is in the forward process, a label is not, so its head classifies the
+image rather than reading the shift) or observed (in the forward process and
+fed to the trunk as a condition). The trunk is told the states (task ids).
+
+Inference from a given primary (RGB -> depth, classify) holds it at a small
+time instead of sampling the chain (infer_from_primary, classify).
 """
 
 from __future__ import annotations
