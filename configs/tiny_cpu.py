@@ -1,7 +1,7 @@
 r"""The embedded default: procedural 32×32 scenes in pixel space, minutes on a CPU.
 
 A 4-block, 256-wide DiT with patch 4 (64 tokens; a patch carries 4·4·10 = 160
-values, below the width) trains 600 steps at batch 32 on the 2,000-scene
+values, below the width) trains 500 steps at batch 32 on the 2,000-scene
 build: joint generation from class labels and RGB → depth / normals /
 segmentation (every conditional sample is conditioned on RGB, as MMGen's RGB→X
 fine-tune does, so depth → RGB is not trained here; configs/scenes32.py trains
@@ -14,7 +14,8 @@ velocity, which contains it) wastes the small model on reproducing noise; with
 x0 the same run went from no better than the image-blind baselines to clearly
 better on every RGB → X score (measured on 2 CPU cores, 600 steps: depth AbsRel
 0.126 → 0.088 (baseline 0.124), normals within 22.5° 0.65 → 0.78 (0.74), mIoU
-0.23 → 0.36 (0.16)). And every sample is supervised on every modality
+0.23 → 0.36 (0.16); 500 steps lose little and keep `make demo` within 10 minutes
+on 2 cores). And every sample is supervised on every modality
 (`rgb_only_prob=0`: the scenes' labels are exact, unlike MMGen's pseudo-labels).
 
   python -m mmgen_jax.main --config=configs/tiny_cpu.py --workdir=/tmp/mmgen/tiny
@@ -58,10 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.schedule = 'cosine'
   c.optim.ema_decay = 0.99       # an EMA over ~100 steps: meaningful within a short run
 
-  c.train.num_steps = 600
+  c.train.num_steps = 500
   c.train.log_every = 10
-  c.train.sample_every = 600     # one grid, at the end
-  c.train.checkpoint_every = 600
+  c.train.sample_every = 500     # one grid, at the end
+  c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 1
 
   c.sample.num_steps = 20
