@@ -385,3 +385,12 @@ def test_training_tiny_cpu_latent_from_the_cache(cache_dir, scenes_data_dir, vae
   it = pipeline.make_iterator(config, 'train', train=True)
   next(it)
   assert it.get_state() == state
+  # The whole recipe: grids decoded by the VAE, and RGB -> X scored from the same run.
+  assert sorted(os.listdir(os.path.join(workdir, 'samples'))) == [
+      'step_000002_from_rgb.png', 'step_000002_joint.png']
+  from mmgen_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config.eval.num_examples = 0
+  scores = evaluate.evaluate(config, workdir)
+  assert scores['eval/num_examples'] > 0
+  for key in ('depth/abs_rel', 'normal/mean_deg', 'segmentation/miou'):
+    assert np.isfinite(scores[f'eval/{key}']), key
