@@ -497,6 +497,10 @@ def build(config: ml_collections.ConfigDict, out_dir: str, *, split: str | None 
     raise ValueError(f"config.data.on_bad_record={d.on_bad_record!r}: use 'raise' or 'skip'.")
   if shard_size < 1:
     raise ValueError(f'--shard_size={shard_size} must be >= 1.')
+  if max_shards is not None and jax.process_count() > 1:
+    # A process that stops early would leave the others waiting at the final barrier.
+    raise ValueError(f'--max_shards={max_shards} works in one process only; this job runs in '
+                     f'{jax.process_count()}.')
   if config.codec.name != 'sd_vae':
     raise ValueError("the latent cache needs config.codec.name='sd_vae' (it stores VAE "
                      f'moments); got {config.codec.name!r}.')
