@@ -257,14 +257,10 @@ def read_input(path: str, m: Modality,
       if not np.issubdtype(x.dtype, np.integer):
         raise InferenceError(f'{path}: a normal image of dtype {x.dtype}; expected 8 or 16 bits.')
       x = x.astype(np.float32) / np.float32(np.iinfo(x.dtype).max / 2.0) - 1.0
-    x = x.astype(np.float32)
-    norm = np.linalg.norm(x, axis=-1)
-    broken = ~np.isfinite(norm) | (norm < 1e-6)
-    if broken.any():
-      i, j = np.argwhere(broken)[0]
-      raise InferenceError(f'{path}: zero-length or non-finite normal at {int(broken.sum())} '
-                           f'pixel(s) (first at row {i}, col {j}).')
-    return x / norm[..., None]
+    try:
+      return encodings.unit_normals(x)
+    except ValueError as e:
+      raise InferenceError(f'{path}: {e}.') from None
   # segmentation
   if m.encoding == 'random_colors':
     num_ids = encodings.MAX_SEGMENTS
@@ -292,6 +288,15 @@ def read_input(path: str, m: Modality,
 
 def valid_depth(depth: np.ndarray) -> np.ndarray:
   return np.isfinite(depth) & (depth > 0)
+
+
+def _valid_at_model_resolution(depth: np.ndarray, m) -> np.ndarray:
+  """The valid pixels of a resized depth map; none left is the user's error, said so."""
+  valid = valid_depth(depth)
+  if not valid.any():
+    raise InferenceError(f'the {m.name!r} map has no valid pixel (finite and > 0) at the '
+                         'model resolution.')
+  return valid
 
 
 # ---- resizing and model space -----------------------------------------------------------
@@ -342,10 +347,7 @@ def encode(raw: np.ndarray, m: Modality) -> np.ndarray:
     return (raw.astype(np.float32) * np.float32(2.0) - np.float32(1.0))
   if m.encoding == 'depth':
     d = raw.astype(np.float32)
-    valid = valid_depth(d)
-    if not valid.any():
-      raise InferenceError(f'the {m.name!r} map has no valid pixel (finite and > 0) at the '
-                           'model resolution.')
+    valid = _valid_at_model_resolution(d, m)
     lo, hi = float(d[valid].min()), float(d[valid].max())
     x = 2.0 * (d - lo) / (hi - lo) - 1.0 if hi > lo else np.zeros_like(d)
     return np.where(valid, x, np.float32(1.0)).astype(np.float32)[..., None]
@@ -356,10 +358,7 @@ def encode(raw: np.ndarray, m: Modality) -> np.ndarray:
   # MMGen's 8-bit encodings, quantised as its preprocessing stores them (data/encodings.py).
   if m.encoding == 'disparity_minmax':
     d = raw.astype(np.float64)
-    valid = valid_depth(d)
-    if not valid.any():
-      raise InferenceError(f'the {m.name!r} map has no valid pixel (finite and > 0) at the '
-                           'model resolution.')
+    valid = _valid_at_model_resolution(d, m)
     disparity = np.where(valid, 1.0 / np.where(valid, d, 1.0), 0.0)
     # Invalid pixels are shown as the farthest, as for 'depth'.
     disparity = np.where(valid, disparity, disparity[valid].min())

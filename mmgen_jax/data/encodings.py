@@ -64,6 +64,22 @@ def family(encoding: str) -> str:
   return FAMILY[encoding]
 
 
+def unit_normals(x: np.ndarray) -> np.ndarray:
+  """(H, W, 3) normals scaled to unit length, float32.
+
+  Raises ValueError naming how many pixels are zero-length or not finite and
+  where the first is; rendered normals pass unchanged, pseudo-labels may drift.
+  """
+  x = np.asarray(x, np.float32)
+  norm = np.linalg.norm(x, axis=-1)
+  broken = ~np.isfinite(norm) | (norm < 1e-6)
+  if broken.any():
+    i, j = np.argwhere(broken)[0]
+    raise ValueError(f'zero-length or non-finite normal at {int(broken.sum())} pixel(s) (first '
+                     f'at row {i}, col {j}: {x[i, j].tolist()})')
+  return x / norm[..., None]
+
+
 def to_model_space(u8: np.ndarray) -> np.ndarray:
   """uint8 [0, 255] -> float32 [-1, 1], as ToTensor + Normalize(0.5, 0.5) does."""
   return np.asarray(u8, np.float32) / 127.5 - 1.0

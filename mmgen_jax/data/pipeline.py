@@ -293,14 +293,10 @@ def decode_record(record: Mapping[str, Any], mods: Sequence[Modality], *, split:
         raise bad(f'depth <= 0 at {(x <= 0).sum()} pixels (first at row {i}, col {j}: '
                   f'{x[i, j]}); disparity needs positive depth')
     elif kind == 'normal':
-      x = _check_shape(x, hw + (3,), bad).astype(np.float32)
-      norm = np.linalg.norm(x, axis=-1)
-      broken = ~np.isfinite(norm) | (norm < 1e-6)
-      if broken.any():
-        i, j = np.argwhere(broken)[0]
-        raise bad(f'zero-length or non-finite normal at {broken.sum()} pixels (first at row {i}, '
-                  f'col {j}: {x[i, j].tolist()})')
-      x = x / norm[..., None]  # a no-op for rendered normals; pseudo-labels may drift
+      try:
+        x = encodings.unit_normals(_check_shape(x, hw + (3,), bad))
+      except ValueError as e:
+        raise bad(str(e)) from None
     elif kind == 'segmentation':
       x = _check_shape(x, hw, bad)
       if not np.issubdtype(x.dtype, np.integer):

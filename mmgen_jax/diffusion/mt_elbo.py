@@ -392,6 +392,20 @@ def _outputs(model, last, generate):
           for k in generate}
 
 
+def _conditioning(model, observed, generate, y, num: int, num_classes: int, shape):
+  """(class ids, auxiliary-state rows, summed encodings of the observed modalities).
+
+  y None is the null class; every sample has the same observed/generated/absent states.
+  """
+  y = jnp.full((num,), num_classes, jnp.int32) if y is None else y
+  states = jnp.broadcast_to(_states_row(model.aux_names, observed, generate),
+                            (num, len(model.aux_names)))
+  cond = jnp.zeros(shape)
+  for name, x in observed.items():
+    cond = cond + model.encode(name, jnp.asarray(x))
+  return y, states, cond
+
+
 def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib.Modality],
            cfg, num: int, num_classes: int, observed: Mapping[str, jax.Array] | None = None,
            generate: Sequence[str] | None = None, y: jax.Array | None = None,
@@ -428,13 +442,7 @@ def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib
                               num_iters=2 if num_steps is None else int(num_steps))
   sched = schedule_from_config(cfg)
   shape = (num, *model.spatial, model.channels)
-  y = jnp.full((num,), num_classes, jnp.int32) if y is None else y
-  states = jnp.broadcast_to(_states_row(model.aux_names, observed, generate),
-                            (num, len(model.aux_names)))
-
-  cond = jnp.zeros(shape)
-  for name, x in observed.items():
-    cond = cond + model.encode(name, jnp.asarray(x))
+  y, states, cond = _conditioning(model, observed, generate, y, num, num_classes, shape)
   known = _known_pixels(model, mods, observed)
   ts = step_times(sched.num_timesteps, num_steps)
   k_init, k_steps = jax.random.split(rng)
@@ -532,12 +540,8 @@ def infer_from_primary(model: mt_encoders.MTDiffusion, primary, rng, *, cfg, num
   if primary.shape[1:] != expected:
     raise ValueError(f'primary {model.primary!r} has shape {primary.shape}; expected '
                      f'(N, *{expected}) in model space.')
-  y = jnp.full((num,), num_classes, jnp.int32) if y is None else y
-  states = jnp.broadcast_to(_states_row(model.aux_names, observed, generate),
-                            (num, len(model.aux_names)))
-  cond = jnp.zeros_like(primary)
-  for name, x in observed.items():
-    cond = cond + model.encode(name, jnp.asarray(x))
+  y, states, cond = _conditioning(model, observed, generate, y, num, num_classes,
+                                  primary.shape)
   t_vec = jnp.full((num,), held_step(sched.num_timesteps, t_cond))
   eps = paths.normal(rng, primary.shape)
   z_clean = sched.q_sample(primary, jnp.zeros_like(primary), t_vec, eps)  # E_hat added below
