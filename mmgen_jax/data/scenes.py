@@ -38,6 +38,7 @@ import numpy as np
 SEMANTIC_CLASSES: tuple[str, ...] = ('sky', 'ground', 'wall', 'sphere', 'box', 'cylinder', 'cone')
 SCENE_CLASSES: tuple[str, ...] = ('sphere', 'box', 'cylinder', 'cone')
 RESOLUTIONS: tuple[int, ...] = (32, 64, 128, 256)
+MAX_OBJECTS = 4         # a scene holds 1 .. MAX_OBJECTS primitives
 
 FAR_DEPTH = 12.0        # z-depth of the far clip plane (world units ~ metres)
 FOV_DEG = 50.0          # horizontal = vertical field of view (square images)
@@ -175,7 +176,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
   rot = camera_rotation(pitch)
   far_y = 6.0 if wall_y is None else min(6.0, wall_y - 1.0)
   objects: list[Primitive] = []
-  for _ in range(int(rng.integers(1, 5))):
+  for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
     # The shape is drawn before the poses, so placement failures (more likely for
     # big shapes) do not skew the shape, hence label, distribution.
     shape = SCENE_CLASSES[rng.integers(len(SCENE_CLASSES))]
@@ -450,3 +451,64 @@ def render_scene(seed: int, resolution: int, *, with_instances: bool = False
   if with_instances:
     out['instance'] = inst.astype(np.uint8).reshape(shape)
   return out
+
+
+# ---- objects on their own (multimodal prompts) -----------------------------------------------
+# Nothing below changes what render_scene returns: these functions only re-read a seed's scene.
+
+ENTITY_PITCH_DEG = (5.0, 60.0)    # the entity camera's pitch range (the scene's is 28..36)
+ENTITY_FILL = (0.55, 0.85)        # bounding-sphere radius / half field of view, in angle
+
+
+def instance_map(seed: int, resolution: int) -> np.ndarray:
+  """Instance ids uint8 (H, W) of scene `seed`, as render_scene(with_instances=True) gives
+  them (0 sky, 1 ground, 2 wall, 3 + k object k), without shading the image."""
+  if int(resolution) != resolution or resolution < 1:
+    raise ValueError(f'resolution must be a positive integer; got {resolution!r}.')
+  scene = sample_scene(np.random.default_rng(seed))
+  inst = _primary(scene, int(resolution))[4]
+  return inst.astype(np.uint8).reshape(int(resolution), int(resolution))
+
+
+def render_entity(seed: int, k: int, size: int, view_seed) -> np.ndarray:
+  """Object k of scene `seed` alone, uint8 (size, size, 3), seen anew.
+
+  Same shape, dimensions and albedo as in the scene, but everything else is
+  drawn from `np.random.default_rng(view_seed)`: the camera's pitch
+  (ENTITY_PITCH_DEG) and its azimuth around the object (visible on boxes, the
+  only shape that is not round about its axis), its distance (the object spans
+  ENTITY_FILL of the half field of view, centred), the light direction and
+  ambient level, and a plain background of a random greyish colour (no ground,
+  no shadow). So the picture tells what the object is, never where it stands
+  or how it looks in the scene's light.
+  """
+  scene = sample_scene(np.random.default_rng(seed))
+  if not 0 <= k < len(scene.objects):
+    raise IndexError(f'scene {seed} has {len(scene.objects)} objects; object {k} does not exist.')
+  if int(size) != size or size < 1:
+    raise ValueError(f'size must be a positive integer; got {size!r}.')
+  rng = np.random.default_rng(view_seed)
+  pitch = np.radians(rng.uniform(*ENTITY_PITCH_DEG))
+  turn = rng.uniform(0.0, 2 * np.pi)
+  fill = rng.uniform(*ENTITY_FILL)
+  elevation = np.radians(rng.uniform(20.0, 70.0))
+  azimuth = np.radians(rng.uniform(-100.0, 100.0))   # 0: light from behind the camera
+  light = np.array([np.cos(elevation) * np.sin(azimuth), -np.cos(elevation) * np.cos(azimuth),
+                    np.sin(elevation)])
+  ambient = rng.uniform(0.2, 0.45)
+  background = np.array(_random_colour(rng, sat=(0.0, 0.2), val=(0.15, 0.95)))
+
+  p = scene.objects[k]
+  p = dataclasses.replace(p, x=0.0, y=0.0, yaw=p.yaw + turn if p.shape == 'box' else 0.0)
+  rot = camera_rotation(pitch)
+  reach = np.hypot(p.footprint, p.height / 2)          # bounding-sphere radius
+  distance = reach / np.sin(fill * np.radians(FOV_DEG) / 2)
+  origin = np.array([0.0, 0.0, p.height / 2]) - distance * rot[2]   # looking at the centre
+  d = _camera_rays(int(size)) @ rot
+  o = np.broadcast_to(origin, d.shape)
+  idx, _, n = _hits(p, o, d)
+  colour = np.broadcast_to(background, d.shape).copy()
+  cos = np.maximum(n @ light, 0.0)   # a convex object: facing away is its only shadow
+  colour[idx] = np.array(p.albedo) * (ambient + (1.0 - ambient) * cos)[:, None]
+  rgb = _GAMMA_LUT[np.round(np.clip(colour, 0.0, 1.0) * _GAMMA_STEPS).astype(np.int32)]
+  return rgb.reshape(int(size), int(size), 3)
