@@ -137,6 +137,16 @@ class PipelineStats:
 # ---- source and sharding --------------------------------------------------------
 
 
+def make_builder(config: Any) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of config.data (name, builder_config, data_dir); it may be unbuilt."""
+  d = config.data
+  data_dir = d.data_dir or None
+  if d.name == tfds_scenes.NAME:  # also knows the custom res{R}_n{train}_{val} configs
+    return tfds_scenes.make_builder(d.builder_config, data_dir)
+  return tfds.builder(f'{d.name}/{d.builder_config}' if d.builder_config else d.name,
+                      data_dir=data_dir)
+
+
 def make_source(config: Any, split: str) -> Sequence[Mapping[str, Any]]:
   """The random-access TFDS data source of `split` (images left PNG-encoded).
 
@@ -145,11 +155,7 @@ def make_source(config: Any, split: str) -> Sequence[Mapping[str, Any]]:
   """
   d = config.data
   name = f'{d.name}/{d.builder_config}'
-  data_dir = d.data_dir or None
-  if d.name == tfds_scenes.NAME:  # also knows the custom res{R}_n{train}_{val} configs
-    builder = tfds_scenes.make_builder(d.builder_config, data_dir)
-  else:
-    builder = tfds.builder(name, data_dir=data_dir)
+  builder = make_builder(config)
   if not builder.is_prepared():
     raise FileNotFoundError(
         f'dataset {name} is not built under {builder.data_dir_root}; build it with '
