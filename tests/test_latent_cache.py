@@ -240,6 +240,34 @@ def test_a_cache_for_another_vae_resolution_or_layout_is_refused(
                         'train')
 
 
+def test_a_cache_from_another_dataset_version_or_vae_precision_is_refused(
+    cache_dir, scenes_data_dir, vae_dir, tmp_path):
+  from mmgen_jax.data import tfds_scenes  # pylint: disable=g-import-not-at-top
+  written = latent_cache.read_manifest(cache_dir)['identity']
+  assert written['data']['version'] == str(tfds_scenes.MmgenScenes.VERSION)
+  assert written['codec']['precision'] == 'highest'  # tiny_cpu's (the schema default)
+  # The VAE run at another matmul precision: refused by training and by a resumed job.
+  config = make_config(scenes_data_dir, vae_dir, latent_cache=cache_dir)
+  config.codec.precision = 'default'
+  with pytest.raises(latent_cache.CacheMismatchError,
+                     match="codec.precision: the cache has 'highest', the config has 'default'"):
+    pipeline.make_iterator(config, 'train', train=True)
+  with pytest.raises(latent_cache.CacheMismatchError, match='codec.precision'):
+    latent_cache.build(config, cache_dir, shard_size=SHARD_SIZE)
+  # A cache written from another version of the dataset (its manifest says 0.9.0).
+  old = tmp_path / 'old'
+  old.mkdir()
+  manifest = latent_cache.read_manifest(cache_dir)
+  manifest['identity']['data']['version'] = '0.9.0'
+  (old / latent_cache.MANIFEST).write_text(json.dumps(manifest))
+  config = make_config(scenes_data_dir, vae_dir, latent_cache=str(old))
+  with pytest.raises(latent_cache.CacheMismatchError,
+                     match="data.version: the cache has '0.9.0', the config has '1.0.0'"):
+    latent_cache.Reader(config, 'train')
+  with pytest.raises(latent_cache.CacheMismatchError, match='data.version'):
+    latent_cache.build(make_config(scenes_data_dir, vae_dir), str(old), shard_size=SHARD_SIZE)
+
+
 def test_augmentation_and_pixel_codecs_are_refused_with_a_cache(cache_dir, scenes_data_dir,
                                                                  vae_dir):
   config = make_config(scenes_data_dir, vae_dir, latent_cache=cache_dir)

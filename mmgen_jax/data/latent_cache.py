@@ -48,9 +48,10 @@ way the batch holds float32.
 Resuming: each shard is written under a temporary name, renamed when complete,
 then its `.json` is written (atomically); a restarted job keeps every shard that
 has both, deletes partial files and redoes their shards. The manifest names what
-determines the contents (data, modalities' encodings, the VAE's weights by
-SHA-256, dtype, REPA encoder, shard size); a job or a training run whose config
-differs is refused, naming each difference. Several processes split the shards
+determines the contents (data and the TFDS dataset's version, modalities'
+encodings, the VAE's weights by SHA-256 and its `codec.precision`, dtype, REPA
+encoder, shard size); a job or a training run whose config or dataset differs is
+refused, naming each difference. Several processes split the shards
 (shard k is written by process k mod P); process 0 completes the manifest.
 """
 
@@ -230,6 +231,19 @@ def vae_fingerprint(weights: str) -> str:
   return _sha256_files(tuple(paths), stamps)
 
 
+def dataset_version(config: ml_collections.ConfigDict) -> str:
+  """The version of the TFDS dataset config.data names: the one the pipeline reads."""
+  from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  d = config.data
+  try:
+    return str(pipeline.make_builder(config).version)
+  except Exception as e:  # pylint: disable=broad-except  (named below)
+    raise FileNotFoundError(
+        f'config.data.name={d.name!r} (builder_config={d.builder_config!r}, data_dir='
+        f'{d.data_dir!r}): no TFDS builder to read the dataset version from, which the latent '
+        f'cache records: {e}') from None
+
+
 def identity(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
   """Everything the cached values depend on (not loss weights, batch size, paths)."""
   d = config.data
@@ -238,11 +252,14 @@ def identity(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
   return {
       'format': FORMAT,
       'split': split,
-      'data': {k: d[k] for k in ('name', 'builder_config', 'resolution', 'class_field',
-                                 'num_classes')},
+      'data': {**{k: d[k] for k in ('name', 'builder_config', 'resolution', 'class_field',
+                                    'num_classes')},
+               'version': dataset_version(config)},  # another build may hold other labels
       'modalities': {m.name: {k: getattr(m, k) for k in keep} for m in mods},
       'codec': {'name': config.codec.name, 'latent_channels': int(config.codec.latent_channels),
-                'vae_sha256': vae_fingerprint(config.codec.weights)},
+                'vae_sha256': vae_fingerprint(config.codec.weights),
+                # one bf16 pass ('default' on TPUs) and 'highest' give other moments
+                'precision': str(config.codec.precision)},
       'dtype': d.latent_cache_dtype,
       'repa_encoder': d.repa_encoder,
   }
