@@ -1,0 +1,227 @@
+"""TFDS builder `mmgen_prompts`: the procedural scenes with multimodal prompts (ArrayRecord).
+
+Every record holds the scene fields of `mmgen_scenes` (rgb, depth, normal,
+segmentation, label, intrinsics, seed) rendered by `scenes.render_scene`, plus
+the prompt fields of `prompts.example_fields` (keys, shapes and dtypes in
+prompts.field_specs; the grammar in the prompts module docstring) and the prompt
+as text (`caption`, for people; the pipeline reads the tokens). L (max_tokens), R
+(entity_tokens) and S (entity_size) are fixed per builder config.
+
+Seeds as in `mmgen_scenes` (tfds_scenes.seed_for): train 0.., validation 10**9..,
+so validation prompts describe scenes, and show entity views, that training
+never saw. Record i of a split is its i-th seed (no write-time shuffling).
+
+    python -m mmgen_jax.data.tfds_prompts --config=res32_small --data_dir=...
+
+and `tfds.data_source('mmgen_prompts/res32_small', data_dir=...)`; importing this
+module registers the builder. A pipeline reads it with
+`config.data.name = 'mmgen_prompts'`, `config.data.builder_config = 'res32_small'`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import multiprocessing.pool
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+
+from mmgen_jax.data import prompts
+from mmgen_jax.data import scenes
+from mmgen_jax.data import tfds_scenes
+
+NAME = 'mmgen_prompts'
+FILE_FORMAT = tfds_scenes.FILE_FORMAT
+
+
+@dataclasses.dataclass
+class PromptsConfig(tfds.core.BuilderConfig):
+  """Resolution, split sizes and the prompt sizes L, R, S."""
+  resolution: int = 32
+  train_size: int = 2_000
+  val_size: int = 200
+  max_tokens: int = 48
+  entity_tokens: int = 4
+  entity_size: int = 32
+
+  def split_sizes(self) -> dict[str, int]:
+    return {'train': self.train_size, 'validation': self.val_size}
+
+
+def custom_config(resolution: int, train_size: int, val_size: int, *, max_tokens: int = 48,
+                  entity_tokens: int = 4, entity_size: int = 32) -> PromptsConfig:
+  """A config of any size, named `res{R}_n{train}_{val}` (+ `_L{L}_R{R}_S{S}` if not default)."""
+  tfds_scenes.custom_config(resolution, train_size, val_size)   # the same checks
+  name = f'res{resolution}_n{train_size}_{val_size}'
+  if (max_tokens, entity_tokens, entity_size) != (48, 4, 32):
+    name += f'_L{max_tokens}_R{entity_tokens}_S{entity_size}'
+  return PromptsConfig(name=name, resolution=resolution, train_size=train_size,
+                       val_size=val_size, max_tokens=max_tokens, entity_tokens=entity_tokens,
+                       entity_size=entity_size,
+                       description=f'{resolution}x{resolution}, {train_size} train / {val_size} '
+                                   f'validation; L={max_tokens}, R={entity_tokens}, '
+                                   f'S={entity_size}.')
+
+
+BUILDER_CONFIGS = [
+    PromptsConfig(name='res32_small', resolution=32, train_size=2_000, val_size=200,
+                  description='32x32, 2,000 train / 200 validation; L=48, R=4, S=32.'),
+    PromptsConfig(name='res32', resolution=32, train_size=20_000, val_size=1_000,
+                  description='32x32, 20,000 train / 1,000 validation; L=48, R=4, S=32.'),
+]
+
+
+def features(c: PromptsConfig) -> tfds.features.FeaturesDict:
+  zlib = tfds.features.Encoding.ZLIB
+  specs = prompts.field_specs(c.max_tokens, c.resolution, c.entity_size)
+  feats = dict(tfds_scenes.features(c.resolution))
+  for key, (shape, dtype) in specs.items():
+    big = len(shape) >= 3   # masks and images compress well
+    feats[key] = (tfds.features.Scalar(dtype=dtype) if shape == () else
+                  tfds.features.Tensor(shape=shape, dtype=dtype, encoding=zlib if big else tfds.features.Encoding.NONE))
+  feats['caption'] = tfds.features.Text()
+  return tfds.features.FeaturesDict(feats)
+
+
+def render_example(seed: int, r: int, max_tokens: int, entity_tokens: int, entity_size: int
+                   ) -> dict[str, Any]:
+  """One record as the builder writes it (module level: render workers pickle it)."""
+  out = scenes.render_scene(seed, r, with_instances=True)
+  record = dict(rgb=tfds_scenes._png(out['rgb']),  # pylint: disable=protected-access
+                depth=out['depth'], normal=out['normal'], segmentation=out['segmentation'],
+                label=int(out['label']), intrinsics=out['intrinsics'], seed=np.int64(seed))
+  fields = prompts.example_fields(seed, r, max_tokens=max_tokens, entity_tokens=entity_tokens,
+                                  entity_size=entity_size, instance=out['instance'])
+  problems = prompts.check_fields(fields, max_tokens=max_tokens, entity_tokens=entity_tokens,
+                                  entity_size=entity_size, resolution=r)
+  if problems:
+    raise ValueError(f'scene {seed}: prompt fields break the contract: {problems}')
+  record.update(fields)
+  record['caption'] = ' '.join(prompts.decode(fields['prompt_tokens'], fields['prompt_mask']))
+  return record
+
+
+def _render_args(args: tuple[int, int, int, int, int]) -> dict[str, Any]:
+  return render_example(*args)
+
+
+class MmgenPrompts(tfds.core.GeneratorBasedBuilder):
+  """Procedural scenes with captions, entity images, masks and spans."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = BUILDER_CONFIGS
+  DEFAULT_CONFIG_NAME = 'res32_small'
+
+  render_pool: multiprocessing.pool.Pool | None = None
+  show_progress: bool = False
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        description=('mmgen_scenes records plus multimodal prompts: word tokens from '
+                     'mmgen_jax.data.prompts.VOCAB with <ent> slots for images of the '
+                     'objects rendered alone, per-object masks, phrase spans, shape and '
+                     'colour ids (see mmgen_jax/data/prompts.py).'),
+        features=features(self.builder_config),
+        supervised_keys=None,
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager
+    return {split: self._generate_examples(split, n)
+            for split, n in self.builder_config.split_sizes().items()}
+
+  def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    c = self.builder_config
+    args = [(tfds_scenes.seed_for(split, i), c.resolution, c.max_tokens, c.entity_tokens,
+             c.entity_size) for i in range(num)]
+    bar = tqdm.tqdm(total=num, desc=f'{c.name} {split}', unit='img',
+                    disable=not self.show_progress)
+    if self.render_pool is not None:
+      examples = self.render_pool.imap(_render_args, args, chunksize=16)  # ordered
+    else:
+      examples = (_render_args(a) for a in args)
+    with bar:
+      for index, example in enumerate(examples):
+        bar.update()
+        yield index, example
+
+
+def get_config(name: str) -> PromptsConfig:
+  """A registered config by name, or a custom `res{R}_n{train}_{val}[_L{L}_R{R}_S{S}]` one."""
+  for c in BUILDER_CONFIGS:
+    if c.name == name:
+      return c
+  parts = name.split('_')
+  try:
+    if len(parts) in (3, 6) and parts[0].startswith('res') and parts[1].startswith('n'):
+      sizes = {}
+      if len(parts) == 6:
+        if not (parts[3][:1], parts[4][:1], parts[5][:1]) == ('L', 'R', 'S'):
+          raise ValueError('expected _L{L}_R{R}_S{S} after the split sizes')
+        sizes = dict(max_tokens=int(parts[3][1:]), entity_tokens=int(parts[4][1:]),
+                     entity_size=int(parts[5][1:]))
+      return custom_config(int(parts[0][3:]), int(parts[1][1:]), int(parts[2]), **sizes)
+  except ValueError as e:
+    raise ValueError(f'{NAME} builder config {name!r}: {e}') from e
+  raise ValueError(f'unknown {NAME} builder config {name!r}; use one of '
+                   f'{[c.name for c in BUILDER_CONFIGS]} or res{{R}}_n{{train}}_{{val}}'
+                   '[_L{L}_R{R}_S{S}].')
+
+
+def make_builder(config: str | PromptsConfig, data_dir: str | None) -> MmgenPrompts:
+  """The builder of `config` (a name or a PromptsConfig) under `data_dir` (None: TFDS default)."""
+  config = get_config(config) if isinstance(config, str) else config
+  registered = config.name in {c.name for c in BUILDER_CONFIGS}
+  data_dir = None if data_dir is None else os.fspath(data_dir)
+  return MmgenPrompts(config=config.name if registered else config, data_dir=data_dir,
+                      file_format=FILE_FORMAT)
+
+
+def build(config: str | PromptsConfig, data_dir: str, *, render_workers: int = 0,
+          show_progress: bool = False) -> MmgenPrompts:
+  """Renders and writes `config` under `data_dir` (reused if already built)."""
+  builder = make_builder(config, data_dir)
+  builder.show_progress = show_progress
+  with contextlib.ExitStack() as stack:
+    if render_workers > 0 and not builder.is_prepared():
+      pool = multiprocessing.get_context('spawn').Pool(render_workers)  # TF and fork don't mix
+      builder.render_pool = stack.enter_context(pool)
+    builder.download_and_prepare(
+        file_format=FILE_FORMAT,
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.render_pool = None
+  return builder
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise ValueError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  data_dir = os.path.expanduser(f.data_dir or os.environ.get('TFDS_DATA_DIR', '')
+                                or '~/tensorflow_datasets')
+  config = get_config(f.config)
+  tfds.disable_progress_bar()
+  start = time.perf_counter()
+  builder = build(config, data_dir, render_workers=f.workers, show_progress=True)
+  total = config.train_size + config.val_size
+  seconds = time.perf_counter() - start
+  print(f'{NAME}/{config.name}: {total} records in {builder.data_dir} '
+        f'({seconds:.1f} s, {f.workers} render workers)')
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  flags.DEFINE_string('config', 'res32_small', 'Builder config (or res{R}_n{train}_{val}).')
+  flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: $TFDS_DATA_DIR or '
+                      '~/tensorflow_datasets).')
+  flags.DEFINE_integer('workers', 2, 'Rendering processes (0 = render in this process).')
+  app.run(main)
