@@ -14,7 +14,7 @@ With `config.data.latent_cache` set, the train split is read from that cache
 (data/latent_cache.py): the same sharding, shuffling, batching and iterator
 state, but its records replace decode -> augment -> normalise (augmentation is
 refused) and a batch holds `<image modality>_moments` float32 (B, h, w, 2·latent),
-`label`, the class modalities, `index` and `repa_features` if cached.
+`label`, the class modalities, `index` and `repa_features` if cached (and wanted, below).
 
 A batch is a dict of numpy arrays with the per-process batch size leading:
 
@@ -26,7 +26,8 @@ A batch is a dict of numpy arrays with the per-process batch size leading:
     <class modality>       int32 (B,)
     label                  int32 (B,) the class condition, from config.data.class_field
     intrinsics             float32 (B, 3, 3) updated for crop/flip (if the records have them)
-    repa_features          float32 (B, T, z) frozen-encoder tokens (if the records have them)
+    repa_features          float32 (B, T, z) frozen-encoder tokens (if the records have them
+                           and config.objective.repa_coeff > 0; else left unread)
     index                  int32 (B,) record index in its split (provenance)
     valid                  bool (B,) evaluation only: False marks padding (see make_dataset)
 
@@ -184,10 +185,14 @@ def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 class _IndexedSource:
-  """(index, record) pairs; a record the source cannot read becomes a BadRecordError."""
+  """(index, record) pairs; a record the source cannot read becomes a BadRecordError.
 
-  def __init__(self, source: Sequence[Mapping[str, Any]], split: str):
-    self._source, self._split = source, split
+  Fields in `drop` leave the record before anything decodes or copies them.
+  """
+
+  def __init__(self, source: Sequence[Mapping[str, Any]], split: str,
+               drop: Sequence[str] = ()):
+    self._source, self._split, self._drop = source, split, tuple(drop)
 
   def __len__(self) -> int:
     return len(self._source)
@@ -197,6 +202,9 @@ class _IndexedSource:
       record = self._source[index]
     except Exception as e:  # pylint: disable=broad-except  (reported per record below)
       record = BadRecordError(self._split, index, '<record>', f'cannot be read: {e!r}')
+    else:
+      if self._drop and any(k in record for k in self._drop):
+        record = {k: v for k, v in record.items() if k not in self._drop}
     return index, record, True  # True: a real record (False marks evaluation padding)
 
   def __repr__(self) -> str:
@@ -647,7 +655,10 @@ def make_dataset(config: Any, split: str, *, train: bool, process_index: int | N
     source = cache.source() if source is None else source
   source = make_source(config, split) if source is None else source
 
-  ds = grain.MapDataset.source(_IndexedSource(source, split))
+  # Frozen-encoder tokens (0.79 MB a record at ImageNet-256) serve the REPA loss alone.
+  drop = () if cache is not None or config.objective.repa_coeff > 0 else (
+      modalities_lib.REPA_FEATURES,)
+  ds = grain.MapDataset.source(_IndexedSource(source, split, drop))
   num_records = len(ds)
   shard = shard_indices(num_records, process_index, process_count)
   ds = ds[shard.start:shard.stop:shard.step]
