@@ -48,6 +48,7 @@ def make_config(data_dir, vae, **data):
   config.data.augment.hflip = False
   config.data.repa_encoder = 'pooled_rgb_test'
   config.model.repa_z_dim = 16
+  config.objective.repa_coeff = 0.5  # the tokens are cached for the REPA loss only
   for k, v in data.items():
     config.data[k] = v
   return config
@@ -186,7 +187,8 @@ def _command(out, data_dir, vae, *extra):
           f'--shard_size={SHARD_SIZE}', f'--config.codec.weights={vae}',
           f'--config.data.builder_config={SCENES_TEST_BUILD}', f'--config.data.data_dir={data_dir}',
           '--config.data.global_batch_size=8', '--config.data.augment.hflip=False',
-          '--config.data.repa_encoder=pooled_rgb_test', '--config.model.repa_z_dim=16', *extra]
+          '--config.data.repa_encoder=pooled_rgb_test', '--config.model.repa_z_dim=16',
+          '--config.objective.repa_coeff=0.5', *extra]
 
 
 @pytest.mark.multiprocess
@@ -393,10 +395,40 @@ def test_the_training_pipeline_reads_the_cache_and_resumes_exactly(
   assert sorted(epoch.tolist()) == list(range(24))  # every record once per epoch
 
 
+def test_without_the_repa_loss_no_tokens_are_read_cached_or_batched(
+    cache_dir, scenes_data_dir, vae_dir, tmp_path, monkeypatch):
+  # Training from a cache that holds them: the tokens stay in the records.
+  config = make_config(scenes_data_dir, vae_dir, latent_cache=cache_dir)
+  config.objective.repa_coeff = 0.0
+  batch = next(pipeline.make_iterator(config, 'train', train=True))
+  assert 'repa_features' not in batch and batch['rgb_moments'].shape == (8, 4, 4, 8)
+  # Writing a cache: the encoder is not run, the records' own tokens are not read.
+  calls = []
+  monkeypatch.setitem(latent_cache._REPA_ENCODERS, 'pooled_rgb_test',  # pylint: disable=protected-access
+                      lambda c: calls.append(c) or (lambda images: 1 / 0))
+  source = pipeline.make_source(config, 'train')
+  records = [{**source[i], 'repa_features': 'unreadable'} for i in range(3)]
+  with pytest.raises(pipeline.BadRecordError, match="field 'repa_features'"):
+    latent_cache.build(make_config(scenes_data_dir, vae_dir, repa_encoder=''),
+                       str(tmp_path / 'on'), source=records, shard_size=SHARD_SIZE)  # if read
+  config.data.latent_cache = ''
+  manifest = latent_cache.build(config, str(tmp_path / 'off'), source=records,
+                                shard_size=SHARD_SIZE)
+  assert not calls and manifest['num_records'] == 3
+  assert 'repa_features' not in manifest['fields'] and 'rgb_moments' in manifest['fields']
+  # A REPA run is told what the cache lacks.
+  config = make_config(scenes_data_dir, vae_dir, latent_cache=str(tmp_path / 'off'))
+  with pytest.raises(latent_cache.CacheMismatchError,
+                     match=r"lacks fields \['repa_features'\] \(a cache written with "
+                           r'config.objective.repa_coeff=0 holds none\)'):
+    latent_cache.Reader(config, 'train')
+
+
 @pytest.mark.slow
 def test_training_tiny_cpu_latent_from_the_cache(cache_dir, scenes_data_dir, vae_dir, tmp_path):
   from mmgen_jax import train  # pylint: disable=g-import-not-at-top
   config = make_config(scenes_data_dir, vae_dir, latent_cache=cache_dir)
+  config.objective.repa_coeff = 0.0  # the tiny model has no REPA projector: tokens left unread
   config.train.num_steps, config.train.log_every = 2, 1
   config.train.sample_every, config.train.checkpoint_every = 2, 1
   config.train.keep_checkpoints = 2

@@ -195,11 +195,12 @@ def _records(n, features):
                repa_features=features(i)) for i in range(n)]
 
 
-def _data_config():
+def _data_config(repa_coeff=0.5):
   c = config_schema.base_config()
   c.data.resolution = RES
   c.data.global_batch_size = 2
   c.data.augment.hflip = False
+  c.objective.repa_coeff = repa_coeff
   return c
 
 
@@ -217,6 +218,16 @@ def test_pipeline_names_a_bad_feature_record():
   with pytest.raises(pipeline.BadRecordError, match=r"train\[1\], field 'repa_features': "
                                                     r'expected float \(tokens, dim\)'):
     next(it)
+
+
+def test_without_the_repa_loss_the_features_are_left_unread():
+  records = _records(4, lambda i: np.zeros((TOKENS, Z), np.float32))
+  records[1]['repa_features'] = np.zeros((TOKENS * Z,), np.float32)  # would be refused if read
+  for train in (True, False):
+    batch = next(pipeline.make_iterator(_data_config(repa_coeff=0.0), 'train', train=train,
+                                        source=records))
+    assert 'repa_features' not in batch and batch['rgb'].shape == (2, RES, RES, 3)
+  assert all('repa_features' in r for r in records)  # the records themselves are untouched
 
 
 def test_validation_names_what_repa_needs():

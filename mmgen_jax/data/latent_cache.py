@@ -31,9 +31,12 @@ and the fields
   <class modality>          int32 () each class modality
   index                     int32 () the record's index in its split (provenance)
   repa_features             (T, z) the `config.data.repa_encoder`'s tokens, or the records'
-                            own `repa_features` when no encoder is configured
+                            own `repa_features` when no encoder is configured; only
+                            with config.objective.repa_coeff > 0 (else neither the
+                            encoder runs nor the records' tokens are read)
 
-(floats in config.data.latent_cache_dtype).
+(floats in config.data.latent_cache_dtype). Training with repa_coeff = 0 leaves a
+cache's repa_features unread: they never reach a batch or a device.
 
 Evaluation needs pixels (the RGB condition, the depth / normal / segment truth), so
 it keeps reading the TFDS split; the cache holds only what training reads.
@@ -165,6 +168,11 @@ def make_repa_encoder(config: ml_collections.ConfigDict) -> RepaEncoder | None:
     raise ValueError(f'config.data.repa_encoder={name!r} is not registered; registered: '
                      f'{repa_encoders()} (latent_cache.register_repa_encoder).')
   return _REPA_ENCODERS[name](config)
+
+
+def wants_repa(config: ml_collections.ConfigDict) -> bool:
+  """Whether REPA tokens are read at all (the REPA loss is on)."""
+  return float(config.objective.repa_coeff) > 0
 
 
 def token_grid(config: ml_collections.ConfigDict) -> int:
@@ -353,7 +361,7 @@ class _Encoder:
     if self.codec.is_identity:
       raise ValueError("the latent cache needs config.codec.name='sd_vae' (it stores VAE "
                        f'moments); got {config.codec.name!r}.')
-    self.repa = make_repa_encoder(config)
+    self.repa = make_repa_encoder(config) if wants_repa(config) else None
     self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
 
   def __call__(self, images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -366,14 +374,19 @@ class _Encoder:
 
 
 def _load(i: int, *, source, mods, split: str, class_field: str, num_classes: int,
-          resolution: int, skip: bool):
-  """Record i -> (i, normalised example, None), or (i, None, reason) in skip mode."""
+          resolution: int, skip: bool, record_repa: bool):
+  """Record i -> (i, normalised example, None), or (i, None, reason) in skip mode.
+
+  record_repa: decode the record's own repa_features (else they are left unread).
+  """
   from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
     try:
       record = source[i]
     except Exception as e:  # pylint: disable=broad-except  (named per record)
       raise pipeline.BadRecordError(split, i, '<record>', f'cannot be read: {e!r}') from None
+    if not record_repa and modalities_lib.REPA_FEATURES in record:
+      record = {k: v for k, v in record.items() if k != modalities_lib.REPA_FEATURES}
     raw = pipeline.decode_record(record, mods, split=split, index=i, class_field=class_field,
                                  num_classes=num_classes, resolution=resolution)
     return i, pipeline.normalise(raw, mods), None
@@ -391,7 +404,9 @@ def _examples(config, source, split: str, indices: range, skip: bool):
   mods = modalities_lib.from_config(config.modalities)
   load = functools.partial(_load, source=source, mods=mods, split=split,
                            class_field=d.class_field, num_classes=d.num_classes,
-                           resolution=d.resolution, skip=skip)
+                           resolution=d.resolution, skip=skip,
+                           # an encoder's tokens replace the records' own
+                           record_repa=wants_repa(config) and not d.repa_encoder)
   ds = grain.MapDataset.range(indices.start, indices.stop).map(load)
   read = grain.ReadOptions(num_threads=max(1, d.read_threads),
                            prefetch_buffer_size=max(1, d.read_buffer_size))
@@ -521,6 +536,10 @@ def build(config: ml_collections.ConfigDict, out_dir: str, *, split: str | None 
   if config.codec.name != 'sd_vae':
     raise ValueError("the latent cache needs config.codec.name='sd_vae' (it stores VAE "
                      f'moments); got {config.codec.name!r}.')
+  if d.repa_encoder and not wants_repa(config):
+    logging.warning('latent cache: config.data.repa_encoder=%r is not run: '
+                    'config.objective.repa_coeff=0, so no repa_features are cached.',
+                    d.repa_encoder)
   source = pipeline.make_source(config, split) if source is None else source
   num_records = len(source)
   num_shards = math.ceil(num_records / shard_size)
@@ -631,15 +650,19 @@ class Reader:
     mods = modalities_lib.from_config(config.modalities)
     need = [codec_lib.moments_field(m.name) for m in modalities_lib.images(mods)]
     need += [m.name for m in mods if not m.is_image] + [LABEL, INDEX]
-    if config.objective.repa_coeff > 0:
+    if wants_repa(config):
       need.append(modalities_lib.REPA_FEATURES)
+    else:  # left in the records: never checked, converted, batched or placed on a device
+      self.fields.pop(modalities_lib.REPA_FEATURES, None)
     missing = [k for k in need if k not in self.fields]
     if missing:
-      raise CacheMismatchError(f'the latent cache {self.directory} lacks fields {missing} '
+      why = (' (a cache written with config.objective.repa_coeff=0 holds none)'
+             if modalities_lib.REPA_FEATURES in missing else '')
+      raise CacheMismatchError(f'the latent cache {self.directory} lacks fields {missing}{why} '
                                f'(it holds {sorted(self.fields)}).')
     repa = self.fields.get(modalities_lib.REPA_FEATURES)
     want = (token_grid(config) ** 2, int(config.model.repa_z_dim))
-    if config.objective.repa_coeff > 0 and repa is not None and repa[1] != want:
+    if repa is not None and repa[1] != want:
       raise CacheMismatchError(
           f'the latent cache {self.directory} holds repa_features of shape {repa[1]}; the '
           f'model takes (tokens, config.model.repa_z_dim) = {want}.')
