@@ -30,6 +30,8 @@ A batch is a dict of numpy arrays with the per-process batch size leading:
                            and config.objective.repa_coeff > 0; else left unread)
     index                  int32 (B,) record index in its split (provenance)
     valid                  bool (B,) evaluation only: False marks padding (see make_dataset)
+    prompt_tokens, ...     prompt records only (data/prompts.py, field_specs): the prompt of
+                           one kind per config.prompt.kind_probs; flips swap left and right
 
 The pipeline is deterministic for a given seed, process count and worker
 count, and its iterator state (`get_state`/`set_state`) resumes exactly.
@@ -56,6 +58,8 @@ from mmgen_jax import modalities as modalities_lib
 from mmgen_jax import parallel
 from mmgen_jax.data import encodings
 from mmgen_jax.data import palettes
+from mmgen_jax.data import prompts
+from mmgen_jax.data import tfds_prompts  # registers the mmgen_prompts builder
 from mmgen_jax.data import tfds_scenes  # also registers the mmgen_scenes builder
 
 Modality = modalities_lib.Modality
@@ -247,7 +251,8 @@ def _class_id(value: Any, num_classes: int, bad) -> int:
 
 def decode_record(record: Mapping[str, Any], mods: Sequence[Modality], *, split: str,
                   index: int, class_field: str = 'label', num_classes: int = 0,
-                  resolution: int | None = None) -> Example:
+                  resolution: int | None = None,
+                  prompt_sizes: Mapping[str, int] | None = None) -> Example:
   """Checks one record and returns its raw arrays, keyed by modality name.
 
   rgb uint8 (H, W, 3) (decoded here if PNG bytes), depth float32 (H, W),
@@ -261,7 +266,10 @@ def decode_record(record: Mapping[str, Any], mods: Sequence[Modality], *, split:
   one id per colour. Raises BadRecordError naming split, index and
   field for: a missing field, an undecodable image, a wrong shape or dtype,
   non-finite depth, a zero-length or non-finite normal, a segmentation id
-  outside the palette, a label out of range.
+  outside the palette, a label out of range. A record with prompt fields
+  (data/prompts.py) also gives them, checked against the contract and
+  `prompt_sizes` (max_tokens, entity_tokens, entity_size; from config.prompt);
+  a scenes record keeps its prompt of every kind for _prompt_kind_stage.
   """
   out: Example = {'index': index}
   hw = None if resolution is None else (resolution, resolution)
@@ -337,6 +345,14 @@ def decode_record(record: Mapping[str, Any], mods: Sequence[Modality], *, split:
     if not np.isfinite(z).all():
       raise bad(f'{(~np.isfinite(z)).sum()} non-finite feature values')
     out[modalities_lib.REPA_FEATURES] = z.astype(np.float32)
+  if prompts.PROMPT_KEYS[0] in record:  # a multimodal prompt record (data/prompts.py)
+    fields, problems = prompts.stored_fields(record, resolution=hw and hw[0],
+                                             **(prompt_sizes or {}))
+    if problems:
+      field = problems[0].split(':')[0]
+      raise BadRecordError(split, index, field if field in record else 'prompt fields',
+                           '; '.join(problems))
+    out.update(fields)
   return out
 
 
@@ -356,6 +372,9 @@ def hflip(example: Example, mods: Sequence[Modality]) -> Example:
     width = _hw(example, mods)[1]
     k[0, 2] = (width - 1) - k[0, 2]  # pixel centres at integer u (OpenCV)
     out['intrinsics'] = k
+  if 'prompt_tokens' in example:  # the mirrored scene's prompt: left <-> right
+    out['prompt_tokens'] = prompts.hflip_tokens(example['prompt_tokens'])
+    out['entity_masks'] = np.ascontiguousarray(example['entity_masks'][:, :, ::-1])
   return out
 
 
@@ -397,6 +416,9 @@ def crop_resize(example: Example, mods: Sequence[Modality],
   a surface that does not exist). normal: bilinear, then renormalised (nearest
   where neighbours cancel). segmentation: nearest, so ids are never blended.
   """
+  if 'prompt_tokens' in example:
+    raise ValueError('random crops are refused for prompt records: a crop could cut out an '
+                     'object the prompt mentions (set config.data.augment.crop_min_scale=1.0).')
   top, left, h, w = box
   out_h, out_w = _hw(example, mods)
   ys, xs = _axis_samples(top, h, out_h), _axis_samples(left, w, out_w)
@@ -480,6 +502,9 @@ def normalise(example: Example, mods: Sequence[Modality]) -> Example:
     out[modalities_lib.REPA_FEATURES] = example[modalities_lib.REPA_FEATURES]
   if '_valid' in example:
     out['valid'] = np.bool_(example['_valid'])
+  for key in prompts.PROMPT_KEYS:  # prompt records: already contract arrays
+    if key in example:
+      out[key] = example[key]
   return out
 
 
@@ -487,13 +512,15 @@ def normalise(example: Example, mods: Sequence[Modality]) -> Example:
 
 
 def _decode_stage(item: tuple[int, Any, bool], *, mods, split, class_field, num_classes,
-                  resolution, skip: bool, keep_valid: bool) -> Example | Skipped:
+                  resolution, skip: bool, keep_valid: bool,
+                  prompt_sizes: Mapping[str, int] | None = None) -> Example | Skipped:
   index, record, valid = item
   try:
     if isinstance(record, BadRecordError):
       raise record
     example = decode_record(record, mods, split=split, index=index, class_field=class_field,
-                            num_classes=num_classes, resolution=resolution)
+                            num_classes=num_classes, resolution=resolution,
+                            prompt_sizes=prompt_sizes)
   except BadRecordError as e:
     if not skip:
       raise
@@ -507,6 +534,21 @@ def _augment_stage(example, rng, *, mods, flip, crop_min_scale):
   if isinstance(example, Skipped):
     return example
   return augment(example, rng, mods, flip=flip, crop_min_scale=crop_min_scale)
+
+
+def _prompt_kind_stage(example, rng=None, *, probs, seed: int = 0):
+  """A scenes prompt record's prompt of one kind: drawn from `probs` (by `rng` in
+  training, from (seed, record index) in evaluation), or the record's own kind."""
+  if isinstance(example, Skipped) or 'drawn_kind' not in example:
+    return example
+  kind = None
+  if probs is not None:
+    rng = np.random.default_rng([seed, int(example['index'])]) if rng is None else rng
+    kind = int(rng.choice(3, p=probs))
+  example = dict(example)
+  stored = {k: example.pop(k) for k in prompts.RECORD_KEYS}
+  example.update(prompts.select_kind(stored, kind))
+  return example
 
 
 def _normalise_stage(example, *, mods):
@@ -625,6 +667,27 @@ class _FullBatches(grain.IterDataset):
 # ---- the pipeline ---------------------------------------------------------------
 
 
+def _prompt_sizes(config: Any) -> dict[str, int] | None:
+  """config.prompt's sizes that prompt records must match (None: no config.prompt)."""
+  p = config.get('prompt')
+  if p is None:
+    return None
+  return {k: int(p[k]) for k in ('max_tokens', 'entity_tokens', 'entity_size') if k in p}
+
+
+def _prompt_kind_probs(config: Any) -> tuple[float, float, float] | None:
+  """config.prompt.kind_probs checked (None: each record's own kind)."""
+  p = config.get('prompt')
+  probs = None if p is None else p.get('kind_probs')
+  if probs is None:
+    return None
+  probs = tuple(float(x) for x in probs)
+  if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+    raise ValueError(f'config.prompt.kind_probs={probs}: expected 3 non-negative numbers '
+                     'summing to 1 (text only, images without words, images with words).')
+  return probs
+
+
 def make_dataset(config: Any, split: str, *, train: bool, process_index: int | None = None,
                  process_count: int | None = None,
                  source: Sequence[Mapping[str, Any]] | None = None,
@@ -679,7 +742,15 @@ def make_dataset(config: Any, split: str, *, train: bool, process_index: int | N
     ds = ds.map(functools.partial(
         _decode_stage, mods=mods, split=split, class_field=d.class_field,
         num_classes=d.num_classes, resolution=d.get('resolution'),
-        skip=d.on_bad_record == 'skip', keep_valid=not train))
+        skip=d.on_bad_record == 'skip', keep_valid=not train,
+        prompt_sizes=_prompt_sizes(config)))
+    probs = _prompt_kind_probs(config)
+    if train and probs is not None:  # a new kind every epoch
+      kind_seed = np.random.SeedSequence([d.shuffle_seed, process_index, 1]).generate_state(1)
+      ds = ds.random_map(functools.partial(_prompt_kind_stage, probs=probs),
+                         seed=int(kind_seed[0]))
+    else:
+      ds = ds.map(functools.partial(_prompt_kind_stage, probs=probs, seed=d.shuffle_seed))
     if train and (d.augment.hflip or d.augment.crop_min_scale < 1.0):
       if not 0.0 < d.augment.crop_min_scale <= 1.0:
         raise ValueError(f'config.data.augment.crop_min_scale={d.augment.crop_min_scale} must '
