@@ -4,6 +4,7 @@ the pipeline's prompt fields."""
 import colorsys
 
 import jax
+import ml_collections
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
@@ -239,6 +240,16 @@ def test_encode_caption_inserts_slots_after_imaged_phrases():
                            entity_tokens=3)
   with pytest.raises(ValueError, match='max_tokens=8'):
     prompts.encode_caption(text, [(0, 10)], [True], max_tokens=8, entity_tokens=3)
+  masks = np.zeros((2, 16, 16), bool)
+  masks[0, 2:5, 3:9] = masks[1, 9:, :4] = True
+  real = prompts.real_example_fields(text, [(0, 10), (20, 34)], [True, False],
+                                     np.full((2, 8, 8, 3), 9, np.uint8), masks, kind=2,
+                                     max_tokens=20, entity_tokens=3)
+  assert prompts.check_fields(real, max_tokens=20, entity_tokens=3, entity_size=8,
+                              resolution=16) == []
+  assert real['entity_valid'].tolist() == [True, True, False, False]
+  assert real['entity_images'][0].all() and not real['entity_images'][1:].any()
+  assert real['entity_colour'].tolist() == [-1] * 4 and int(real['prompt_kind']) == 2
 
 
 # ---- TFDS records and the pipeline --------------------------------------------------------------
@@ -263,22 +274,40 @@ def test_records_hold_the_fields_of_their_seed(data_dir):
     r = src[n - 1]
     seed = tfds_prompts.tfds_scenes.seed_for(split, n - 1)
     assert r['seed'] == seed
-    ref = _fields(seed)
-    for key in prompts.PROMPT_KEYS:
+    ref = prompts.record_fields(seed, RES, max_tokens=L, entity_tokens=R, entity_size=S)
+    for key in prompts.RECORD_KEYS:
       np.testing.assert_array_equal(np.asarray(r[key]), ref[key], err_msg=f'{split} {key}')
-  train = {tuple(_source(data_dir, 'train')[i]['prompt_tokens']) for i in range(12)}
-  assert not train & {tuple(_source(data_dir, 'validation')[i]['prompt_tokens'])
+    for j in range(3):   # each kind's row is that kind's prompt
+      for key, x in _fields(seed, j).items():
+        np.testing.assert_array_equal(prompts.select_kind(r, j)[key], x, err_msg=f'{j} {key}')
+    assert r['caption'].decode() == ' '.join(prompts.decode(
+        _fields(seed)['prompt_tokens'], _fields(seed)['prompt_mask']))
+  train = {tuple(_source(data_dir, 'train')[i]['prompt_tokens'][0]) for i in range(12)}
+  assert not train & {tuple(_source(data_dir, 'validation')[i]['prompt_tokens'][0])
                       for i in range(4)}
 
 
-def _config(**data):
+def _config(kind_probs=(0.0, 0.5, 0.5), **prompt):
   c = config_schema.base_config()
   c.data.name = tfds_prompts.NAME
   c.data.global_batch_size = 8
   c.data.augment.hflip = True
-  for k, v in data.items():
-    c.data[k] = v
+  if 'prompt' not in c:
+    c.prompt = ml_collections.ConfigDict()
+  for k, v in {**dict(max_tokens=L, entity_tokens=R, entity_size=S, kind_probs=kind_probs),
+               **prompt}.items():
+    c.prompt[k] = v
   return c
+
+
+def _kind_of(batch, b, record):
+  """The kind row of `record` that batch example b holds (-1: none)."""
+  for j in range(3):
+    f = prompts.select_kind(record, j)
+    if all(np.array_equal(batch[k][b], f[k]) for k in ('prompt_mask', 'prompt_entity',
+                                                        'entity_images', 'entity_spans')):
+      return j
+  return -1
 
 
 def test_pipeline_batches_have_the_contract_shapes_and_flip_left_right(data_dir):
@@ -291,7 +320,9 @@ def test_pipeline_batches_have_the_contract_shapes_and_flip_left_right(data_dir)
   flipped = 0
   for b in range(8):
     r = src[int(batch['index'][b])]
-    f = {k: np.asarray(r[k]) for k in prompts.PROMPT_KEYS}
+    j = _kind_of(batch, b, r)
+    assert j >= 0 and batch['prompt_kind'][b] == r['prompt_kind'][j], (b, j)
+    f = prompts.select_kind(r, j)
     rgb = np.asarray(pipeline._decode_image(r['rgb'], None), np.float32) / 127.5 - 1
     flip = not np.allclose(batch['rgb'][b], rgb)
     if flip:
@@ -318,13 +349,35 @@ def test_pipeline_global_batch_is_sharded_and_checks_config_sizes(data_dir):
     assert batch[key].sharding.spec == P(('data', 'fsdp')), key
   assert int(batch['valid'].sum()) == 4   # 4 records, padded
   # A config asking for another L names the mismatch.
-  config = _config()
-  with config.unlocked():
-    config.prompt = dict(max_tokens=40, entity_tokens=R, entity_size=S)
+  config = _config(max_tokens=40)
   it = pipeline.make_iterator(config, 'validation', train=False,
                               source=_source(data_dir, 'validation'))
   with pytest.raises(pipeline.BadRecordError, match=r'prompt_tokens: int32\(48,\), expected'):
     next(it)
+
+
+def test_pipeline_draws_prompt_kinds_from_the_config(data_dir):
+  src = _source(data_dir, 'train')
+
+  def kinds(probs, train=True, n=3):
+    it = pipeline.make_iterator(_config(probs), 'train', train=train, source=src)
+    out = []
+    for _ in range(n if train else 2):
+      batch = next(it)
+      out += [(int(i), _kind_of(batch, b, src[int(i)])) for b, i in enumerate(batch['index'])]
+      assert not batch['entity_images'][batch['prompt_kind'] == 0].any()
+    return out
+
+  assert {j for _, j in kinds((1.0, 0.0, 0.0))} == {0}
+  assert {j for _, j in kinds((0.0, 0.0, 1.0))} == {2}
+  mixed = kinds((0.4, 0.3, 0.3), n=6)
+  assert {j for _, j in mixed} == {0, 1, 2}
+  # Without a kind mix each record keeps the kind its seed drew; evaluation is repeatable.
+  own = kinds(None, train=False)
+  assert [j for _, j in own] == [int(src[i]['drawn_kind']) for i, _ in own]
+  assert kinds((0.4, 0.3, 0.3), train=False) == kinds((0.4, 0.3, 0.3), train=False)
+  with pytest.raises(ValueError, match='kind_probs'):
+    kinds((0.5, 0.5, 0.5))
 
 
 def test_pipeline_refuses_crops_of_prompt_records(data_dir):

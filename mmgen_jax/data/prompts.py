@@ -42,30 +42,37 @@ the image are not mentioned.
 
 Prompt kinds: 0 text only; 1 imaged objects lose their words ('a <ent>...');
 2 imaged objects keep them. In kinds 1 and 2 every mentioned object is imaged with
-probability 1/2, at least one. The batch contract (keys, shapes, dtypes) is
-`field_specs`; horizontal flips swap 'left' and 'right' (`hflip_tokens`).
+probability 1/2, at least one, the same objects for both kinds. The batch contract
+(keys, shapes, dtypes) is `field_specs`; horizontal flips swap 'left' and 'right'
+(`hflip_tokens`).
+
+Scenes records (`record_fields`, tfds_prompts) keep the prompt of all three kinds
+(the text fields with a leading axis of 3, the same words in each) and the seed's
+own `drawn_kind`; the pipeline picks one per example (`select_kind`), drawn from
+config.prompt.kind_probs, so a run chooses its mix of kinds without a rebuild.
 
 Real data
 ---------
-A record of real images has the same keys as `example_fields` returns, produced by
-`encode_caption` from:
+A record of real images holds the usual image fields and ONE prompt under the
+contract keys (`field_specs`; no `drawn_kind`), which the pipeline passes as it is.
+`real_example_fields` makes them from what a grounding pipeline gives:
 
-    rgb              uint8 (H, W, 3)   the target image
-    caption          str               free text; words outside VOCAB become '<unk>'
-    entity_char_spans int (E, 2)       [start, end) character span of each entity's
-                                       phrase in `caption` (from a grounding model, e.g.
-                                       Grounding DINO's phrase-to-box output); (0, 0) = none
-    entity_masks     bool (E, H, W)    its mask in the target (e.g. SAM from the box;
-                                       boxes only: fill the box)
-    entity_images    uint8 (E, S, S, 3) the entity from ANOTHER image of it (a crop of the
-                                       target itself invites copy-paste), background removed
-                                       by its mask; zeros when not given as an image
-    entity_is_image  bool (E,)
-    entity_shape / entity_colour int32 (E,) -1 where unknown (no attribute supervision)
+    caption           str              free text; words outside VOCAB become '<unk>'
+    entity_char_spans int (E, 2)       [start, end) characters of each entity's phrase
+                                       in `caption` (e.g. Grounding DINO's phrase-to-box
+                                       output); (0, 0) = not mentioned
+    entity_masks      bool (E, H, W)   its mask in the target image (e.g. SAM prompted by
+                                       the box; with boxes only, the filled box)
+    entity_images     uint8 (E, S, S, 3) the entity from ANOTHER image of it (a crop of the
+                                       target invites copy-paste), background removed by
+                                       its mask; zeros when not shown as an image
+    entity_is_image   bool (E,)
+    kind              int              1 if the imaged phrases were reduced to 'a', else 2
+                                       (0 when nothing is imaged)
+    entity_shape / entity_colour int32 (E,), -1 where unknown (no attribute supervision)
 
-`encode_caption(caption, entity_char_spans, entity_is_image, ...)` inserts the R
-'<ent>' slots after each imaged entity's phrase and returns the token fields and
-spans; unmatched entities get (0, 0).
+`encode_caption` inserts the R '<ent>' slots after each imaged entity's phrase and
+returns the token fields and spans.
 """
 
 from __future__ import annotations
@@ -136,6 +143,19 @@ def field_specs(max_tokens: int, resolution: int, entity_size: int) -> dict[str,
 
 
 PROMPT_KEYS: tuple[str, ...] = tuple(field_specs(1, 1, 1))
+KIND_KEYS = ('prompt_tokens', 'prompt_mask', 'prompt_entity', 'entity_spans', 'entity_is_image',
+             'prompt_kind')   # a scenes record holds one row per kind of these
+RECORD_KEYS: tuple[str, ...] = (*KIND_KEYS, 'drawn_kind', 'entity_images', 'entity_valid',
+                                'entity_masks', 'entity_shape', 'entity_colour')
+
+
+def record_specs(max_tokens: int, resolution: int, entity_size: int) -> dict[str, tuple]:
+  """What a scenes record stores (record_fields): one row per prompt kind for the text."""
+  specs = field_specs(max_tokens, resolution, entity_size)
+  out = {k: ((3,) + specs[k][0], specs[k][1]) for k in KIND_KEYS}
+  out['drawn_kind'] = ((), np.int32)
+  out.update({k: specs[k] for k in specs if k not in KIND_KEYS})
+  return out
 
 
 # ---- attributes ---------------------------------------------------------------------------
@@ -257,9 +277,11 @@ def caption(seed: int, *, max_tokens: int = 48, entity_tokens: int = 4,
   if kind not in (0, 1, 2):
     raise ValueError(f'prompt kind must be 0, 1 or 2; got {kind}.')
   mentioned = list(facts.mentioned)
+  # Drawn whatever the kind, so the three kinds of a seed share their words.
   show = rng.random(len(mentioned)) < 0.5
+  fallback = int(rng.integers(len(mentioned))) if mentioned else 0
   if kind and mentioned and not show.any():
-    show[int(rng.integers(len(mentioned)))] = True
+    show[fallback] = True
   imaged = tuple(k for k, s in zip(mentioned, show) if s and kind) if mentioned else ()
   if not mentioned:
     kind = 0
@@ -417,6 +439,37 @@ def encode_caption(text: str, entity_char_spans: Sequence[Sequence[int]],
   return _token_fields(words, spans, imaged, max_tokens)
 
 
+def real_example_fields(caption: str, entity_char_spans: Sequence[Sequence[int]],
+                        entity_is_image: Sequence[bool], entity_images: np.ndarray,
+                        entity_masks: np.ndarray, *, kind: int, max_tokens: int,
+                        entity_tokens: int, entity_shape: Sequence[int] | None = None,
+                        entity_colour: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+  """The contract fields of one real image's prompt (see the module docstring).
+
+  Entities are the first len(entity_char_spans) of MAX_ENTITIES; the rest are
+  padding (invalid). Raises ValueError naming every broken field.
+  """
+  n = len(entity_char_spans)
+  E = MAX_ENTITIES
+  pad_to = lambda x, fill, dtype: np.concatenate(   # noqa: E731
+      [np.asarray(x, dtype), np.full((E - n,) + np.shape(x)[1:], fill, dtype)])
+  out = encode_caption(caption, entity_char_spans, entity_is_image, max_tokens=max_tokens,
+                       entity_tokens=entity_tokens)
+  images = pad_to(entity_images, 0, np.uint8) * out['entity_is_image'][:, None, None, None]
+  out.update(
+      prompt_kind=np.int32(kind if out['entity_is_image'].any() else 0),
+      entity_images=images.astype(np.uint8),
+      entity_valid=np.arange(E) < n,
+      entity_masks=pad_to(entity_masks, False, np.bool_),
+      entity_shape=pad_to([-1] * n if entity_shape is None else entity_shape, -1, np.int32),
+      entity_colour=pad_to([-1] * n if entity_colour is None else entity_colour, -1, np.int32))
+  out = {k: out[k] for k in PROMPT_KEYS}
+  problems = check_fields(out, max_tokens=max_tokens, entity_tokens=entity_tokens)
+  if problems:
+    raise ValueError(f'real prompt {caption!r}: ' + '; '.join(problems))
+  return out
+
+
 # ---- whole examples -----------------------------------------------------------------------
 
 
@@ -425,29 +478,38 @@ def view_seed(seed: int, k: int) -> list[int]:
   return [int(seed), int(k), _VIEW_STREAM]
 
 
-def example_fields(seed: int, resolution: int, *, max_tokens: int = 48, entity_tokens: int = 4,
-                   entity_size: int = 32, kind: int | None = None,
-                   instance: np.ndarray | None = None) -> dict[str, np.ndarray]:
-  """The prompt fields of scene `seed` (see field_specs), target at `resolution`.
+def record_fields(seed: int, resolution: int, *, max_tokens: int = 48, entity_tokens: int = 4,
+                  entity_size: int = 32, instance: np.ndarray | None = None
+                  ) -> dict[str, np.ndarray]:
+  """The prompt fields a record of scene `seed` stores: the prompt of every kind.
 
-  `instance`: the scene's instance map at `resolution` if already rendered
-  (render_scene(with_instances=True)); computed otherwise.
+  The text fields hold one row per kind j (`KIND_KEYS`: prompt_tokens (3, L),
+  prompt_mask, prompt_entity (3, L), entity_spans (3, E, 2), entity_is_image (3, E),
+  prompt_kind (3,): the kind row j really is, 0 when nothing can be imaged); the
+  three rows share their words and kinds 1 and 2 image the same objects. Plus
+  `drawn_kind` () (the seed's own kind, used when no kind mix is asked for) and
+  the single entity_images (those of kinds 1/2), entity_valid, entity_masks,
+  entity_shape, entity_colour. `select_kind` turns it into one example's fields.
+  `instance`: the scene's instance map at `resolution` if already rendered.
   """
   facts = scene_facts(seed)
-  cap = caption(seed, max_tokens=max_tokens, entity_tokens=entity_tokens, kind=kind,
-                facts=facts)
-  out = _token_fields(cap.words, cap.spans, cap.imaged, max_tokens)
+  caps = [caption(seed, max_tokens=max_tokens, entity_tokens=entity_tokens, kind=j, facts=facts)
+          for j in range(3)]
+  drawn = caption(seed, max_tokens=max_tokens, entity_tokens=entity_tokens, facts=facts).kind
+  rows = [_token_fields(c.words, c.spans, c.imaged, max_tokens) for c in caps]
+  out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  out['prompt_kind'] = np.array([c.kind for c in caps], np.int32)
+  out['drawn_kind'] = np.int32(drawn)
   inst = scenes.instance_map(seed, resolution) if instance is None else np.asarray(instance)
   if inst.shape != (resolution, resolution):
     raise ValueError(f'instance map of scene {seed} has shape {inst.shape}; expected '
                      f'{(resolution, resolution)}.')
   n, E, S = len(facts.objects), MAX_ENTITIES, entity_size
   images = np.zeros((E, S, S, 3), np.uint8)
-  for k in cap.imaged:
+  for k in caps[2].imaged:
     images[k] = scenes.render_entity(seed, k, S, view_seed(seed, k))
   first = scenes._FIRST_OBJECT  # pylint: disable=protected-access
   out.update(
-      prompt_kind=np.int32(cap.kind),
       entity_images=images,
       entity_valid=np.arange(E) < n,
       entity_masks=inst[None] == (first + np.arange(E))[:, None, None],
@@ -455,7 +517,32 @@ def example_fields(seed: int, resolution: int, *, max_tokens: int = 48, entity_t
                             np.int32),
       entity_colour=np.array([COLOURS.index(o.colour) for o in facts.objects] + [-1] * (E - n),
                              np.int32))
+  return out
+
+
+def select_kind(stored: dict[str, Any], kind: int | None = None) -> dict[str, np.ndarray]:
+  """One example's prompt fields (the contract) from `record_fields`' rows: kind `kind`,
+  or the record's own `drawn_kind` when None. A text-only prompt shows no image."""
+  j = int(stored['drawn_kind']) if kind is None else int(kind)
+  if j not in (0, 1, 2):
+    raise ValueError(f'prompt kind must be 0, 1 or 2; got {j}.')
+  out = {k: np.asarray(stored[k])[j] for k in KIND_KEYS}
+  images = np.asarray(stored['entity_images'])
+  out['entity_images'] = np.where(out['entity_is_image'][:, None, None, None], images,
+                                  np.zeros_like(images))
+  for k in ('entity_valid', 'entity_masks', 'entity_shape', 'entity_colour'):
+    out[k] = np.asarray(stored[k])
   return {k: out[k] for k in PROMPT_KEYS}
+
+
+def example_fields(seed: int, resolution: int, *, max_tokens: int = 48, entity_tokens: int = 4,
+                   entity_size: int = 32, kind: int | None = None,
+                   instance: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """The prompt fields (see field_specs) of scene `seed` with target at `resolution`:
+  prompt kind `kind`, or the seed's own when None."""
+  return select_kind(record_fields(seed, resolution, max_tokens=max_tokens,
+                                   entity_tokens=entity_tokens, entity_size=entity_size,
+                                   instance=instance), kind)
 
 
 def check_fields(example: dict[str, Any], *, max_tokens: int | None = None,
@@ -512,27 +599,48 @@ def check_fields(example: dict[str, Any], *, max_tokens: int | None = None,
   return problems
 
 
-def record_fields(record: dict[str, Any], *, resolution: int | None = None,
+def stored_fields(record: dict[str, Any], *, resolution: int | None = None,
                   max_tokens: int | None = None, entity_tokens: int | None = None,
                   entity_size: int | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
-  """A stored record's prompt fields as contract arrays, and their problems (see check_fields).
+  """A stored record's prompt fields as arrays, and their problems.
+
+  A scenes record (RECORD_KEYS, rows per kind) has every kind's selection
+  checked against the contract (see check_fields); a real-data record holds one
+  prompt under the contract keys (PROMPT_KEYS) and is checked as it is.
 
   Integer fields of another integer width (a TFDS scalar comes back as a Python
   int) become int32; any other dtype is reported, not converted.
   """
-  specs = field_specs(1, 1, 1)
+  single = 'drawn_kind' not in record   # one prompt (real data): the contract keys
   out, problems = {}, []
-  for key in PROMPT_KEYS:
+  for key in PROMPT_KEYS if single else RECORD_KEYS:
     if key not in record:
       return {}, [f'{key}: missing (the record has {sorted(record)})']
     x = np.asarray(record[key])
-    want = np.dtype(specs[key][1])
-    if x.dtype != want and want == np.int32 and np.issubdtype(x.dtype, np.integer):
+    if x.dtype != np.int32 and np.issubdtype(x.dtype, np.integer) and key in (
+        'prompt_tokens', 'prompt_entity', 'entity_spans', 'prompt_kind', 'drawn_kind',
+        'entity_shape', 'entity_colour'):
       if x.size and (x.min() < np.iinfo(np.int32).min or x.max() > np.iinfo(np.int32).max):
         problems.append(f'{key}: values beyond int32')
       x = x.astype(np.int32)
     out[key] = x
+  if single:
+    return out, problems or check_fields(out, max_tokens=max_tokens, entity_tokens=entity_tokens,
+                                         entity_size=entity_size, resolution=resolution)
+  for key in KIND_KEYS:
+    if out[key].shape[:1] != (3,):
+      problems.append(f'{key}: shape {out[key].shape}, expected one row per prompt kind (3, ...)')
+  if out['drawn_kind'].shape != () or not 0 <= int(out['drawn_kind']) < 3:
+    problems.append(f'drawn_kind: {out["drawn_kind"]!r}, expected a kind 0, 1 or 2')
   if problems:
     return out, problems
-  return out, check_fields(out, max_tokens=max_tokens, entity_tokens=entity_tokens,
-                           entity_size=entity_size, resolution=resolution)
+  for j in range(3):
+    selected = select_kind(out, j)
+    if int(selected['prompt_kind']) not in (0, j):
+      problems.append(f'prompt_kind: row {j} holds kind {int(selected["prompt_kind"])}')
+    problems += [f'{p} (kind {j})' for p in check_fields(
+        selected, max_tokens=max_tokens, entity_tokens=entity_tokens, entity_size=entity_size,
+        resolution=resolution)]
+    if problems:
+      break
+  return out, problems

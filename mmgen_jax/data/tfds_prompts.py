@@ -2,9 +2,11 @@
 
 Every record holds the scene fields of `mmgen_scenes` (rgb, depth, normal,
 segmentation, label, intrinsics, seed) rendered by `scenes.render_scene`, plus
-the prompt fields of `prompts.example_fields` (keys, shapes and dtypes in
-prompts.field_specs; the grammar in the prompts module docstring) and the prompt
-as text (`caption`, for people; the pipeline reads the tokens). L (max_tokens), R
+the prompt fields of `prompts.record_fields` (keys, shapes and dtypes in
+prompts.record_specs: the text fields hold the prompt of each of the three kinds,
+which the pipeline picks from per config.prompt.kind_probs; the grammar is in the
+prompts module docstring) and the seed's own prompt as text (`caption`, for
+people; the pipeline reads the tokens). L (max_tokens), R
 (entity_tokens) and S (entity_size) are fixed per builder config.
 
 Seeds as in `mmgen_scenes` (tfds_scenes.seed_for): train 0.., validation 10**9..,
@@ -78,12 +80,12 @@ BUILDER_CONFIGS = [
 
 def features(c: PromptsConfig) -> tfds.features.FeaturesDict:
   zlib = tfds.features.Encoding.ZLIB
-  specs = prompts.field_specs(c.max_tokens, c.resolution, c.entity_size)
+  specs = prompts.record_specs(c.max_tokens, c.resolution, c.entity_size)
   feats = dict(tfds_scenes.features(c.resolution))
   for key, (shape, dtype) in specs.items():
-    big = len(shape) >= 3   # masks and images compress well
+    encoding = zlib if len(shape) >= 3 else tfds.features.Encoding.NONE  # masks, images
     feats[key] = (tfds.features.Scalar(dtype=dtype) if shape == () else
-                  tfds.features.Tensor(shape=shape, dtype=dtype, encoding=zlib if big else tfds.features.Encoding.NONE))
+                  tfds.features.Tensor(shape=shape, dtype=dtype, encoding=encoding))
   feats['caption'] = tfds.features.Text()
   return tfds.features.FeaturesDict(feats)
 
@@ -95,14 +97,17 @@ def render_example(seed: int, r: int, max_tokens: int, entity_tokens: int, entit
   record = dict(rgb=tfds_scenes._png(out['rgb']),  # pylint: disable=protected-access
                 depth=out['depth'], normal=out['normal'], segmentation=out['segmentation'],
                 label=int(out['label']), intrinsics=out['intrinsics'], seed=np.int64(seed))
-  fields = prompts.example_fields(seed, r, max_tokens=max_tokens, entity_tokens=entity_tokens,
-                                  entity_size=entity_size, instance=out['instance'])
-  problems = prompts.check_fields(fields, max_tokens=max_tokens, entity_tokens=entity_tokens,
-                                  entity_size=entity_size, resolution=r)
+  fields = prompts.record_fields(seed, r, max_tokens=max_tokens, entity_tokens=entity_tokens,
+                                 entity_size=entity_size, instance=out['instance'])
+  fields, problems = prompts.stored_fields(fields, max_tokens=max_tokens,
+                                           entity_tokens=entity_tokens,
+                                           entity_size=entity_size, resolution=r)
   if problems:
     raise ValueError(f'scene {seed}: prompt fields break the contract: {problems}')
   record.update(fields)
-  record['caption'] = ' '.join(prompts.decode(fields['prompt_tokens'], fields['prompt_mask']))
+  j = int(fields['drawn_kind'])
+  record['caption'] = ' '.join(prompts.decode(fields['prompt_tokens'][j],
+                                              fields['prompt_mask'][j]))
   return record
 
 
