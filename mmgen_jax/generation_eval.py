@@ -50,6 +50,7 @@ every feature and computes the same scores.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -109,11 +110,16 @@ def to_data_format(x: jax.Array, m: modalities_lib.Modality) -> jax.Array:
 
 @dataclasses.dataclass
 class Extractor:
-  """Feature networks on the mesh: images (model space, global) -> {key: (N, D) global}."""
+  """Feature networks on the mesh: images (model space, global) -> {key: (N, D) global}.
+
+  The networks' states are replicated over the mesh; fn splits each image batch over
+  the mesh's batch axes (config.sharding_rules) and returns features split the same way.
+  """
   fn: Callable[[Images], dict[str, jax.Array]]
   keys: tuple[str, ...]
   fingerprints: dict[str, str]  # net -> weights fingerprint (keys the caches)
   skipped: dict[str, str]       # net -> why it is not computed
+  states: dict[str, Any] = dataclasses.field(default_factory=dict)  # net -> placed state
 
 
 def _rgb_modality(mods) -> modalities_lib.Modality:
@@ -180,13 +186,16 @@ def make_extractor(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   if 'scenes' in nets:
     keys += [scenes_key(m.name) for m in images]
   replicated = parallel.replicated(mesh)
+  batch_sharding = parallel.batch_sharding(mesh, config.sharding_rules)
   graphs, states = {}, {}
   for net, model in nets.items():
     graphs[net], state = nnx.split(model)
     states[net] = jax.device_put(state, replicated)
   by_name = {m.name: m for m in images}
 
-  @jax.jit
+  # Every device runs the networks on its part of the batch (out: per-sample rows).
+  @functools.partial(jax.jit, in_shardings=(replicated, batch_sharding),
+                     out_shardings=batch_sharding)
   def extract(states, batch):
     out = {}
     data = {k: to_data_format(v, by_name[k]) for k, v in batch.items()}
@@ -203,10 +212,12 @@ def make_extractor(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
     return out
 
   def fn(batch: Images) -> dict[str, jax.Array]:
+    # Host arrays and arrays placed otherwise are moved to the batch sharding first.
+    batch = jax.device_put({m.name: batch[m.name] for m in images}, batch_sharding)
     with jax.set_mesh(mesh):
-      return extract(states, {m.name: batch[m.name] for m in images})
+      return extract(states, batch)
 
-  return Extractor(fn, tuple(keys), fingerprints, skipped)
+  return Extractor(fn, tuple(keys), fingerprints, skipped, states)
 
 
 def _state_hash(model) -> str:

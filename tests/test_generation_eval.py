@@ -207,6 +207,29 @@ def test_class_accuracy_counts_samples_read_as_their_requested_class(scenes_data
   assert scores == {'eval/gen/class_acc/rgb': 1.0, 'eval/gen/class_acc/depth': 0.75}
 
 
+def test_the_feature_networks_run_sharded_over_the_batch(scenes_data_dir, mesh):
+  """Host images in: the stand-in Inception's state replicated on the mesh's 4 devices,
+  each device computing 2 of the 8 rows, the values those of the network unsharded."""
+  from tests.generation_eval_process import TinyInception  # pylint: disable=g-import-not-at-top
+  config = _config(scenes_data_dir, features='inception')
+  net = TinyInception()
+  extractor = ge.make_extractor(config, '', mesh, inception_model=net)
+  for leaf in jax.tree.leaves(extractor.states['inception']):
+    assert leaf.sharding.is_fully_replicated and leaf.sharding.device_set == set(mesh.devices.flat)
+  mods = modalities_lib.images(modalities_lib.from_config(config.modalities))
+  rng = np.random.default_rng(0)
+  images = {m.name: rng.uniform(-1, 1, (8, 32, 32, m.channels)).astype(np.float32) for m in mods}
+  out = extractor.fn(images)
+  batch = parallel.batch_sharding(mesh, config.sharding_rules)
+  for key, v in out.items():
+    assert v.sharding.is_equivalent_to(batch, v.ndim), key
+    assert [s.data.shape[0] for s in v.addressable_shards] == [2] * 4, key
+  rgb = ge.to_data_format(jnp.asarray(images['rgb']), mods[0])
+  feats, logits = net.features_and_logits((rgb + 1.0) / 2.0)
+  np.testing.assert_allclose(np.asarray(out[ge.POOL3]), feats, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out[ge.LOGITS]), logits, rtol=1e-5, atol=1e-4)
+
+
 def test_bad_sizes_are_refused(scenes_data_dir, mesh):
   with pytest.raises(ValueError, match='shard_size=12 must be a positive multiple'):
     ge.check_sizes(_config(scenes_data_dir, shard_size=12), mesh)
