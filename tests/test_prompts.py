@@ -339,10 +339,10 @@ def test_pipeline_batches_have_the_contract_shapes_and_flip_left_right(data_dir)
 
 def test_pipeline_global_batch_is_sharded_and_checks_config_sizes(data_dir):
   config = _config()
+  config.data.builder_config, config.data.data_dir = BUILD, data_dir   # read through TFDS
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 2, 1
   mesh = parallel.make_mesh(config.mesh)
-  it = pipeline.make_iterator(config, 'validation', train=False,
-                              source=_source(data_dir, 'validation'))
+  it = pipeline.make_iterator(config, 'validation', train=False)
   batch = next(pipeline.global_batches(it, mesh, config.sharding_rules))
   for key in prompts.PROMPT_KEYS:
     assert isinstance(batch[key], jax.Array) and batch[key].shape[0] == 8, key

@@ -148,6 +148,8 @@ def make_builder(config: Any) -> tfds.core.DatasetBuilder:
   data_dir = d.data_dir or None
   if d.name == tfds_scenes.NAME:  # also knows the custom res{R}_n{train}_{val} configs
     return tfds_scenes.make_builder(d.builder_config, data_dir)
+  if d.name == tfds_prompts.NAME:  # likewise
+    return tfds_prompts.make_builder(d.builder_config, data_dir)
   return tfds.builder(f'{d.name}/{d.builder_config}' if d.builder_config else d.name,
                       data_dir=data_dir)
 

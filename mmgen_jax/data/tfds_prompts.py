@@ -13,7 +13,7 @@ Seeds as in `mmgen_scenes` (tfds_scenes.seed_for): train 0.., validation 10**9..
 so validation prompts describe scenes, and show entity views, that training
 never saw. Record i of a split is its i-th seed (no write-time shuffling).
 
-    python -m mmgen_jax.data.tfds_prompts --config=res32_small --data_dir=...
+    python -m mmgen_jax.data.build --dataset=mmgen_prompts --config=res32_small --data_dir=...
 
 and `tfds.data_source('mmgen_prompts/res32_small', data_dir=...)`; importing this
 module registers the builder. A pipeline reads it with
@@ -203,30 +203,3 @@ def build(config: str | PromptsConfig, data_dir: str, *, render_workers: int = 0
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   builder.render_pool = None
   return builder
-
-
-def main(argv: list[str]) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise ValueError(f'unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  data_dir = os.path.expanduser(f.data_dir or os.environ.get('TFDS_DATA_DIR', '')
-                                or '~/tensorflow_datasets')
-  config = get_config(f.config)
-  tfds.disable_progress_bar()
-  start = time.perf_counter()
-  builder = build(config, data_dir, render_workers=f.workers, show_progress=True)
-  total = config.train_size + config.val_size
-  seconds = time.perf_counter() - start
-  print(f'{NAME}/{config.name}: {total} records in {builder.data_dir} '
-        f'({seconds:.1f} s, {f.workers} render workers)')
-
-
-if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
-  flags.DEFINE_string('config', 'res32_small', 'Builder config (or res{R}_n{train}_{val}).')
-  flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: $TFDS_DATA_DIR or '
-                      '~/tensorflow_datasets).')
-  flags.DEFINE_integer('workers', 2, 'Rendering processes (0 = render in this process).')
-  app.run(main)
