@@ -26,6 +26,12 @@ Conventions
 * Scene label: the shape of the object with the largest visible area, counted
   at LABEL_RESOLUTION whatever the output resolution, so the label of a seed
   never depends on the resolution it is rendered at.
+* Objects on their own (multimodal prompts, data/prompts.py): `instance_map`
+  gives the instance ids without shading; `render_entity(seed, k, size,
+  view_seed)` draws object k alone (same shape, size and albedo) from another
+  pitch, azimuth and distance, under another light, on a plain background, so a
+  prompt can show the object without handing over the target's pixels. Both
+  only re-read the seed's scene: render_scene's output is unchanged.
 """
 
 from __future__ import annotations
