@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.aux_observed_prob = 0.4  # mt_elbo: P(an auxiliary modality is a trunk input)
   c.objective.aux_absent_prob = 0.1   # mt_elbo: P(an auxiliary modality is left out, E_i = 0)
   c.objective.masked_modality = ''    # mt_elbo: auxiliary image modality given random box masks
+  c.objective.label_t_max = 0.1       # mt_elbo: class heads trained at t <= label_t_max T
 
   # ---- optimiser -------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()

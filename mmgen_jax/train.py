@@ -96,8 +96,13 @@ def default_parts(config: ml_collections.ConfigDict) -> Parts:
       codecs.append(codec_lib.from_config(config, mesh))
     return codecs[0]
 
+  mask_pixels = None  # masked-image training (mt_elbo): boxes cut in pixels before the VAE
+  if name == 'mt_elbo':
+    mask_pixels = mt_elbo.make_pixel_masker(config)
+
   def to_global_batch(batch, mesh, rules):
-    return codec_on(mesh).add_moments(pipeline.to_global_batch(batch, mesh, rules))
+    codec, batch = codec_on(mesh), pipeline.to_global_batch(batch, mesh, rules)
+    return codec.add_moments(mask_pixels(batch, codec) if mask_pixels else batch)
 
   return Parts(model_fn=model_fn, loss_fn=codec_lib.wrap_loss(loss_fn, config),
                make_data_iter=make_data_iter, to_global_batch=to_global_batch,

@@ -73,12 +73,15 @@ def _model(mods, seed=0, perturb=True, masked=''):
   trunk = FakeTrunk(mt_encoders.trunk_spec(mods, 'rgb'), rngs=rngs)
   model = mt_encoders.MTDiffusion(trunk, mods=mods, primary='rgb', spatial=HW, masked=masked,
                                   rngs=rngs)
-  if perturb:  # move the zero-initialised heads so every path carries gradient
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    noise = np.random.default_rng(seed + 100)
-    params = jax.tree.map(lambda p: p + 0.1 * noise.standard_normal(p.shape, np.float32), params)
-    model = nnx.merge(graphdef, params, rest)
-  return model
+  return _perturbed(model, seed + 100) if perturb else model
+
+
+def _perturbed(model, seed):
+  """Moves the zero-initialised heads so every path carries gradient."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  noise = np.random.default_rng(seed)
+  params = jax.tree.map(lambda p: p + 0.1 * noise.standard_normal(p.shape, np.float32), params)
+  return nnx.merge(graphdef, params, rest)
 
 
 def _batch(mods, n=8, seed=0):
@@ -461,11 +464,20 @@ def _direct_loss_terms(model, batch, rng, cfg):
   y = jnp.full((n,), NUM_CLASSES) if model.aux_classes else batch['label']
   out = model.trunk(jnp.concatenate([z_t, cond], -1), jnp.asarray(t / T)[:, None], y, task=task)
   terms = {'loss/denoise': jnp.mean((out.images[0] - eps) ** 2)}
+  if model.aux_classes:  # the class heads: a second pass at t' in 1..round(label_t_max T)
+    k_tl, k_el = jax.random.split(jax.random.fold_in(rng, 7))
+    t_max = max(1, round(cfg.label_t_max * T))
+    t_lab = 1 + np.floor(np.asarray(jax.random.uniform(k_tl, (n,))) * t_max).astype(np.int32)
+    ab_l = paths.vp_alpha_bar_discrete('cosine', T)[t_lab][:, None, None, None]
+    lam_l = _lam(T, cfg.w_max)[t_lab][:, None, None, None]
+    z_l = np.sqrt(ab_l) * z0 + lam_l * Ex + np.sqrt(1 - ab_l) * paths.normal(k_el, z0.shape)
+    out_l = model.trunk(jnp.concatenate([z_l, cond], -1), jnp.asarray(t_lab / T)[:, None], y,
+                        task=task)
   gen = states == 1
   for i, name in enumerate(names):
     g = gen[:, i]
     if name in model.aux_classes:
-      logp = jax.nn.log_softmax(out.logits[model.aux_classes.index(name)])
+      logp = jax.nn.log_softmax(out_l.logits[model.aux_classes.index(name)])
       nll = -logp[np.arange(n), np.asarray(batch[name])]
     else:
       dec = out.images[1 + model.aux_images.index(name)]
@@ -710,3 +722,94 @@ def test_inpainting_keeps_the_known_pixels(num_steps):
   np.testing.assert_allclose(np.asarray(out['rgb'])[keep], np.asarray(data['rgb'])[keep],
                              atol=1e-6)
   assert np.abs(np.asarray(out['rgb'])[~keep] - np.asarray(data['rgb'])[~keep]).mean() > 0.05
+
+
+# ---- masked-image training through a latent codec: boxes cut in pixels -------------------
+
+@functools.lru_cache(maxsize=None)
+def _tiny_codec():
+  """The SD-VAE architecture (8x down) with 8 channels per block, random weights."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import codec as codec_lib  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.models import autoencoder  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(autoencoder.SD_VAE_FT_MSE, block_out_channels=(8, 8, 8, 8),
+                            layers_per_block=1, norm_num_groups=4, sample_size=32)
+  vae = autoencoder.create(cfg, seed=3)
+  return codec_lib.Codec(_mods('rgb', 'masked_rgb'), vae, 0.18215)
+
+
+def _latent_masked_config():
+  config = config_schema.base_config()
+  config.modalities = ml_collections.ConfigDict(dict(
+      rgb=modalities.spec(0, 'rgb'), masked_rgb=modalities.spec(1, 'rgb', 0.2, field='rgb')))
+  config.objective.update(dict(name='mt_elbo', masked_modality='masked_rgb'))
+  config.codec.name = 'sd_vae'
+  return config
+
+
+def test_latent_masks_are_cut_in_pixels_before_the_vae():
+  codec, config = _tiny_codec(), _latent_masked_config()
+  pixels = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)), jnp.float32)
+  masker = mt_elbo.make_pixel_masker(config)
+  got = masker({'rgb': pixels, 'masked_rgb': pixels}, codec)
+  given = np.asarray(got[mt_elbo.masked_field('masked_rgb')])
+  assert given.shape == (4, 4, 4, 5)  # 4 latent channels + the mask at the latent grid
+  base = jax.random.fold_in(jax.random.key(int(config.seed)), 11)
+  mask = mt_elbo.random_box_mask(jax.random.fold_in(base, 0), (4, 32, 32))
+  # The mask channel: each 8x8 cell's unknown fraction; boxes of 8..16 pixels at any
+  # position cut through cells, so fractions strictly between 0 and 1 occur.
+  np.testing.assert_allclose(given[..., 4:], mt_elbo.pool_mask(mask, 8), atol=1e-6)
+  assert np.any((given[..., 4] > 0) & (given[..., 4] < 1))
+  blanked = codec.encode_mean({'masked_rgb': pixels * (1 - mask)})['masked_rgb']
+  np.testing.assert_allclose(given[..., :4], blanked, rtol=1e-4, atol=1e-5)
+  # Not the whole image's latent with its cells blanked (a box cut in latent space).
+  cut = codec.encode_mean({'rgb': pixels})['rgb'] * (1 - mt_elbo.pool_mask(mask, 8))
+  assert np.abs(given[..., :4] - np.asarray(cut)).max() > 1e-2
+  # The next batch draws new boxes; nothing is drawn in pixel space.
+  again = masker({'rgb': pixels, 'masked_rgb': pixels}, codec)
+  assert not np.array_equal(again[mt_elbo.masked_field('masked_rgb')][..., 4:], given[..., 4:])
+  config.codec.name = 'identity'
+  assert mt_elbo.make_pixel_masker(config) is None
+  with pytest.raises(KeyError, match='pixels of'):
+    masker({'rgb_moments': pixels}, codec)
+
+
+def test_latent_loss_reads_the_pixel_cut_input_and_refuses_a_latent_cut():
+  mods = _mods('rgb', 'masked_rgb')
+  rngs = nnx.Rngs(0)
+  trunk = FakeTrunk(mt_encoders.trunk_spec(mods, 'rgb', 4), rngs=rngs)
+  model = _perturbed(mt_encoders.MTDiffusion(trunk, mods=mods, primary='rgb', spatial=HW,
+                                             latent_channels=4, masked='masked_rgb', rngs=rngs), 1)
+  rng = np.random.default_rng(3)
+  lat = jnp.asarray(rng.normal(size=(8, *HW, 4)), jnp.float32)
+  given = jnp.asarray(np.concatenate([rng.normal(size=(8, *HW, 4)),
+                                      rng.uniform(0, 1, (8, *HW, 1))], -1), jnp.float32)
+  batch = {'rgb': lat, 'masked_rgb': lat, 'masked_rgb_masked': given,
+           'label': jnp.zeros((8,), jnp.int32)}
+  cfg = _cfg(w_max=3.0, aux_observed_prob=1.0, aux_absent_prob=0.0,
+             masked_modality='masked_rgb')
+  run = lambda b, **kw: mt_elbo.mt_elbo_loss(model, b, jax.random.key(2), mods=mods, cfg=cfg,
+                                             num_classes=NUM_CLASSES, **kw)[1]['loss/denoise']
+  got = run(batch, pixel_space=False)
+  # Every sample observes the masked modality: the trunk sees E(given) as its condition.
+  other = dict(batch, masked_rgb_masked=given.at[..., :4].multiply(-1.0))
+  assert abs(float(run(other, pixel_space=False)) - float(got)) > 1e-4
+  with pytest.raises(KeyError, match='masked_rgb_masked'):
+    run({k: v for k, v in batch.items() if k != 'masked_rgb_masked'}, pixel_space=False)
+
+
+def test_latent_inpainting_keeps_the_known_pixels():
+  codec = _tiny_codec()
+  mods = _mods('rgb', 'masked_rgb')
+  rngs = nnx.Rngs(0)
+  trunk = FakeTrunk(mt_encoders.trunk_spec(mods, 'rgb', 4), rngs=rngs)
+  model = mt_encoders.MTDiffusion(trunk, mods=mods, primary='rgb', spatial=HW, latent_channels=4,
+                                  masked='masked_rgb', rngs=rngs)
+  images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  mask = np.zeros((2, 32, 32, 1), np.float32)
+  mask[:, 4:20, 10:22] = 1.0
+  out = np.asarray(mt_elbo.inpaint(model, codec, images, mask, jax.random.key(0), mods=mods,
+                                   cfg=_cfg(), num_classes=NUM_CLASSES, num_steps=3))
+  known = mask[..., 0] == 0
+  np.testing.assert_array_equal(out[known], np.asarray(images)[known])
+  assert np.abs(out[~known] - np.asarray(images)[~known]).mean() > 0.05

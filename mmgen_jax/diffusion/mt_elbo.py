@@ -192,6 +192,69 @@ def masked_image(rng, image, *, fill: float = 0.0, **box_kwargs):
   return image * (1.0 - mask) + fill * mask, mask
 
 
+def masked_field(name: str) -> str:
+  """The batch field holding a masked modality's model-space input cut in pixel space."""
+  return f'{name}_masked'
+
+
+def pool_mask(mask, factor: int):
+  """(N, H, W, 1) pixel mask -> (N, H/f, W/f, 1): the unknown fraction of each f x f cell."""
+  if factor == 1:
+    return mask
+  n, h, w, c = mask.shape
+  if h % factor or w % factor:
+    raise ValueError(f'mask of shape {mask.shape}: its sides must be multiples of the codec '
+                     f'downsampling {factor}.')
+  return mask.reshape(n, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+
+
+def pixel_masked_input(codec, name: str, pixels, mask):
+  """The masked modality's model-space input, cut in pixel space, then encoded.
+
+  [codec(pixels with the box set to 0), the mask pooled to the model grid]: with the
+  identity codec this is `masked_input(pixels, mask)`; with the SD-VAE the blanked
+  image goes through the encoder (posterior mean x scale, as any condition) and the
+  mask channel holds each latent cell's fraction of unknown pixels.
+  """
+  pixels = jnp.asarray(pixels, jnp.float32)
+  mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), (*pixels.shape[:3], 1))
+  latent = codec.encode_mean({name: pixels * (1.0 - mask)})[name]
+  return jnp.concatenate([latent, pool_mask(mask, codec.downsample)], axis=-1)
+
+
+def make_pixel_masker(config) -> Callable[[Mapping[str, jax.Array], Any], dict] | None:
+  """(batch, codec) -> batch with `masked_field(name)`: masked-image training through a
+  latent codec, whose boxes must be cut in pixels before the VAE (None otherwise).
+
+  Runs in the training input, on the pixel batch, before `codec.add_moments` (the
+  decoder's target stays the whole image's latent). The boxes are drawn from
+  config.seed and a count of the batches this masker has seen, so a run resumed
+  from a checkpoint draws fresh boxes rather than the interrupted run's.
+  """
+  name = config.objective.masked_modality
+  if config.objective.name != 'mt_elbo' or not name or config.codec.name == 'identity':
+    return None
+  base = jax.random.fold_in(jax.random.key(int(config.seed), impl=config.train.rng_impl), 11)
+  boxes = jax.jit(random_box_mask, static_argnums=1)
+  seen = [0]
+
+  def apply(batch: Mapping[str, jax.Array], codec) -> dict:
+    if name not in batch:
+      raise KeyError(f'masked-image training through the {config.codec.name} codec cuts its '
+                     f'boxes in pixels: the batch needs the pixels of {name!r} (a latent cache '
+                     f'holds moments only); it has {sorted(batch)}.')
+    pixels = batch[name]
+    mask = boxes(jax.random.fold_in(base, seen[0]), tuple(pixels.shape[:3]))
+    seen[0] += 1
+    given = pixel_masked_input(codec, name, pixels, mask)
+    sharding = getattr(pixels, 'sharding', None)
+    if isinstance(sharding, jax.sharding.NamedSharding):  # laid out like the batch
+      given = jax.device_put(given, sharding)
+    return {**batch, masked_field(name): given}
+
+  return apply
+
+
 # ---- loss ----------------------------------------------------------------------
 
 def _check_cfg(cfg) -> None:
@@ -206,6 +269,14 @@ def _check_cfg(cfg) -> None:
                      f'{cfg.aux_observed_prob} + {cfg.aux_absent_prob}.')
   if cfg.decoder_weight < 0:
     raise ValueError(f'config.objective.decoder_weight={cfg.decoder_weight} must be >= 0.')
+  if not 0.0 < cfg.label_t_max <= 1.0:
+    raise ValueError(f'config.objective.label_t_max={cfg.label_t_max} must be in (0, 1].')
+
+
+def label_times(u, num_timesteps: int, label_t_max: float):
+  """(N,) int times of the class heads' pass: uniform on 1..max(1, round(label_t_max T))."""
+  t_max = max(1, int(round(label_t_max * num_timesteps)))
+  return 1 + jnp.minimum(jnp.floor(u * t_max), t_max - 1).astype(jnp.int32)
 
 
 def aux_states(u, names: Sequence[str], cfg, batch: Mapping[str, jax.Array]):
@@ -266,8 +337,13 @@ def prediction_target(prediction: str, z0, eps, alpha_bar):
 
 def mt_elbo_loss(model: mt_encoders.MTDiffusion, batch: Mapping[str, jax.Array], rng, *,
                  mods: Sequence[modalities_lib.Modality], cfg, num_classes: int,
-                 class_dropout_prob: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 class_dropout_prob: float = 0.0, pixel_space: bool = True
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The multi-task ELBO loss; `cfg` is config.objective. Returns (loss, metrics).
+
+  pixel_space: the model space is the pixels (identity codec), so the masked
+  modality's boxes may be cut here; otherwise the batch must carry them cut in
+  pixels and encoded (`masked_field`, `make_pixel_masker`).
 
   rng is split as (uniforms, eps, box masks, labels); the uniforms (N, 1 + A)
   give t = 1 + floor(u[:, 0] T) and the auxiliary states from u[:, 1:].
@@ -290,8 +366,16 @@ def mt_elbo_loss(model: mt_encoders.MTDiffusion, batch: Mapping[str, jax.Array],
                        f'model was built with masked={model.masked!r}.')
     # The encoder sees the masked image and its mask; the decoder predicts the whole
     # image (a learnable target: the box positions are random).
-    full = batch[cfg.masked_modality]
-    inputs[cfg.masked_modality] = masked_input(full, random_box_mask(k_mask, full.shape[:3]))
+    field = masked_field(cfg.masked_modality)
+    if field in batch:  # cut in pixels, then encoded (a latent codec)
+      inputs[cfg.masked_modality] = batch[field]
+    elif pixel_space:
+      full = batch[cfg.masked_modality]
+      inputs[cfg.masked_modality] = masked_input(full, random_box_mask(k_mask, full.shape[:3]))
+    else:
+      raise KeyError(f'masked-image training in a latent space needs batch field {field!r} '
+                     '(boxes cut in pixels before the VAE: mt_elbo.make_pixel_masker); a box '
+                     f'cut in latents would blank whole 8x8 cells. Batch: {sorted(batch)}.')
 
   T = sched.num_timesteps
   u = jax.random.uniform(k_u, (n, 1 + len(names)))  # one draw: each draw compiles separately
@@ -307,8 +391,18 @@ def mt_elbo_loss(model: mt_encoders.MTDiffusion, batch: Mapping[str, jax.Array],
 
   z_t = sched.q_sample(z0, Ex, t, eps)
   y = _class_condition(mods, batch, k_label, n, num_classes, class_dropout_prob)
-  out = model(z_t, t.astype(jnp.float32) / sched.num_timesteps, cond, y, states)
+  out = model(z_t, t.astype(jnp.float32) / T, cond, y, states)
   decoded = model.decoder_outputs(out)
+  if model.aux_classes:
+    # The class heads' term -log p(y | z_0) is estimated at small t only (docs §7a):
+    # a second pass of the same samples and states at t' <= label_t_max T, where the
+    # image is visible; at large t the label is unreadable and its gradient is noise.
+    k_tl, k_el = jax.random.split(jax.random.fold_in(rng, 7))
+    t_lab = label_times(jax.random.uniform(k_tl, (n,)), T, cfg.label_t_max)
+    z_lab = sched.q_sample(z0, Ex, t_lab, paths.normal(k_el, z0.shape, z0.dtype))
+    labelled = model.decoder_outputs(model(z_lab, t_lab.astype(jnp.float32) / T, cond, y,
+                                           states))
+    decoded = {**decoded, **{k: labelled[k] for k in model.aux_classes}}
 
   ab = sched.at(sched.alpha_bar, t, z0.ndim)
   target = prediction_target(cfg.prediction, z0, eps, ab)
@@ -339,7 +433,8 @@ def make_loss_fn(config) -> Callable[[Any, Mapping[str, jax.Array], jax.Array], 
   """(model, batch, rng) -> (loss, metrics) for the full config."""
   return functools.partial(
       mt_elbo_loss, mods=modalities_lib.from_config(config.modalities), cfg=config.objective,
-      num_classes=config.data.num_classes, class_dropout_prob=config.model.class_dropout_prob)
+      num_classes=config.data.num_classes, class_dropout_prob=config.model.class_dropout_prob,
+      pixel_space=config.codec.name == 'identity')
 
 
 # ---- ancestral sampler -----------------------------------------------------------
@@ -480,8 +575,12 @@ def sample(model: mt_encoders.MTDiffusion, rng, *, mods: Sequence[modalities_lib
 
 
 def _known_pixels(model, mods, observed):
-  """(known primary pixels, keep mask) when an observed masked modality shows the
-  primary's own field (inpainting), else None."""
+  """(known primary values, keep mask) when an observed masked modality shows the
+  primary's own field (inpainting), else None.
+
+  In pixel space these are the known pixels. With a latent codec they are the
+  latents of the blanked image, kept only in cells with no unknown pixel.
+  """
   name = model.masked
   if not name or name not in observed:
     return None
@@ -492,7 +591,34 @@ def _known_pixels(model, mods, observed):
   if given.shape[-1] != model.channels + 1:
     raise ValueError(f'observed[{name!r}] has shape {given.shape}; expected [image, mask] with '
                      f'{model.channels + 1} channels (mt_elbo.masked_input).')
-  return given[..., :-1], 1.0 - given[..., -1:]
+  # Cells with any unknown pixel are generated; in pixel space the mask is binary.
+  return given[..., :-1], (given[..., -1:] == 0).astype(jnp.float32)
+
+
+def inpaint(model: mt_encoders.MTDiffusion, codec, images, mask, rng, *,
+            mods: Sequence[modalities_lib.Modality], cfg, num_classes: int,
+            num_steps: int | None = None) -> jax.Array:
+  """Fills the box `mask` (N, H, W, 1), 1 = unknown, of pixel `images`; returns pixels.
+
+  The masked modality is observed as `pixel_masked_input` (cut in pixels, then
+  encoded) and the chain is sampled with the known values reset to the forward
+  marginal after every step. The decoded sample then takes the known pixels back
+  exactly (with a latent codec the latents cannot hold them: a cell mixes 8x8
+  pixels and the VAE does not reconstruct exactly).
+  """
+  name = model.masked
+  if not name:
+    raise ValueError('inpaint needs a model built with masked=<modality>.')
+  images = jnp.asarray(images, jnp.float32)
+  mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), (*images.shape[:3], 1))
+  given = pixel_masked_input(codec, name, images, mask)
+  if _known_pixels(model, mods, {name: given}) is None:
+    raise ValueError(f'the masked modality {name!r} does not show the primary '
+                     f'{model.primary!r}: nothing to inpaint.')
+  out = sample(model, rng, mods=mods, cfg=cfg, num=images.shape[0], num_classes=num_classes,
+               observed={name: given}, generate=[], num_steps=num_steps)
+  pixels = codec.decode({model.primary: out[model.primary]})[model.primary]
+  return mask * pixels + (1.0 - mask) * images
 
 
 def _empty_outputs(model, mods, num, generate):
