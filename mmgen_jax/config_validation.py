@@ -121,6 +121,30 @@ def _check_data(config, num_devices, num_processes) -> Iterator[str]:
     if built != d.resolution:
       yield (f'config.data.resolution={d.resolution} but builder config '
              f'{d.builder_config!r} renders {built}×{built} scenes.')
+  if d.name == 'mmgen_prompts':
+    yield from _check_prompt_records(config)
+
+
+def _check_prompt_records(config) -> Iterator[str]:
+  """Scenes with multimodal prompts: the build's sizes are the run's."""
+  from mmgen_jax.data import tfds_prompts  # pylint: disable=g-import-not-at-top
+  d = config.data
+  try:
+    built = tfds_prompts.get_config(d.builder_config)
+  except ValueError as e:
+    yield f'config.data.builder_config: {e}'
+    return
+  if built.resolution != d.resolution:
+    yield (f'config.data.resolution={d.resolution} but builder config '
+           f'{d.builder_config!r} renders {built.resolution}×{built.resolution} scenes.')
+  if d.augment.crop_min_scale < 1.0:
+    yield (f'config.data.augment.crop_min_scale={d.augment.crop_min_scale}: random crops are '
+           'refused for prompt records (a crop could cut out an object the prompt mentions).')
+  p = config.get('prompt')
+  for key in ('max_tokens', 'entity_tokens', 'entity_size'):
+    if p is not None and key in p and p[key] != getattr(built, key):
+      yield (f'config.prompt.{key}={p[key]} but builder config {d.builder_config!r} was '
+             f'written with {key}={getattr(built, key)}.')
 
 
 def _check_latent_cache(config) -> Iterator[str]:

@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mmgen_jax import config_schema
+from mmgen_jax import config_validation
 from mmgen_jax import parallel
 from mmgen_jax.data import pipeline
 from mmgen_jax.data import prompts
@@ -386,3 +387,14 @@ def test_pipeline_refuses_crops_of_prompt_records(data_dir):
   it = pipeline.make_iterator(config, 'train', train=True, source=_source(data_dir, 'train'))
   with pytest.raises(ValueError, match='crops are refused for prompt records'):
     next(it)
+
+
+def test_config_validation_compares_the_build_with_the_run():
+  c = _config(max_tokens=40)
+  c.data.builder_config, c.data.augment.crop_min_scale = 'res32_small', 0.8
+  problems = list(config_validation._check_data(c, 8, 1))
+  assert any('config.prompt.max_tokens=40' in p for p in problems), problems
+  assert any('crop_min_scale=0.8' in p for p in problems), problems
+  c = _config()
+  c.data.builder_config, c.data.augment.crop_min_scale = 'res32_small', 1.0
+  assert list(config_validation._check_data(c, 8, 1)) == []
