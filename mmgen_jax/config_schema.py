@@ -92,6 +92,30 @@ def base_config() -> ml_collections.ConfigDict:
   # (keep each block's input) or 'save_dots' (keep the weight matmuls' outputs).
   c.model.remat_policy = 'none'
 
+  # ---- multimodal prompts (UNIMO-G style; models/prompt_encoder.py) -----------
+  # Text interleaved with entity images conditions the decoupled objective through
+  # cross-attention in every block; '' = off (no prompt parameters exist).
+  c.prompt = ml_collections.ConfigDict()
+  c.prompt.name = ''                  # '' | 'unimo'
+  c.prompt.vocab_size = 0             # 0 = len(mmgen_jax.data.prompts.VOCAB)
+  c.prompt.width = 128                # encoder width (the cross-attention's key/value input)
+  c.prompt.depth = 2                  # encoder transformer blocks
+  c.prompt.heads = 4                  # encoder, resampler and cross-attention heads
+  c.prompt.mlp_ratio = 4.0
+  c.prompt.max_tokens = 48            # L: prompt length (records are padded to it)
+  c.prompt.entity_tokens = 4          # R: '<ent>' slots (resampler tokens) per entity image
+  c.prompt.max_entities = 4           # K: entity images per prompt
+  c.prompt.entity_size = 32           # S: entity image side
+  c.prompt.entity_widths = (32, 64)   # entity conv widths, one stride-2 conv each
+  c.prompt.resampler_depth = 1        # Perceiver resampler layers
+  # Training: each sample's words / entity images leave the prompt (masked) with
+  # these probabilities, independently, so guidance has its three passes.
+  c.prompt.text_dropout_prob = 0.1
+  c.prompt.entity_dropout_prob = 0.1
+  # Probabilities of the prompt kinds the data pipeline draws per record: text only,
+  # entity images without their attribute words, entity images with them.
+  c.prompt.kind_probs = (1 / 3, 1 / 3, 1 / 3)
+
   # ---- objective ---------------------------------------------------------------
   c.objective = ml_collections.ConfigDict()
   c.objective.name = 'decoupled'      # 'decoupled' (MMGen) | 'mt_elbo' (MT-Diffusion)
@@ -109,6 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
   # REPA: + repa_coeff × (−cos) between the projector's tokens and the batch field
   # 'repa_features' (N, T, model.repa_z_dim), T the token grid; 0 = off.
   c.objective.repa_coeff = 0.0
+  # Entity alignment (FastComposer's localisation loss): + coeff × the mean over
+  # entities of (cross-attention on the entity's tokens outside its mask − inside);
+  # needs config.prompt and the batch fields entity_masks / entity_spans; 0 = off.
+  c.objective.entity_align_coeff = 0.0
   c.objective.primary = 'rgb'         # mt_elbo: the modality that is the shared space z_0
   c.objective.num_timesteps = 1000    # mt_elbo: discrete T
   c.objective.w_max = 0.1             # mt_elbo: encoder weight schedule scale
@@ -176,6 +204,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.guidance_low = 0.0         # guide only where guidance_low <= t <= guidance_high
   c.sample.guidance_high = 1.0
   c.sample.t_cond = 0.005             # a held condition's time (MMGen's --t-blend-start)
+  # Prompt guidance (config.prompt): v = v_none + text_scale (v_text - v_none)
+  # + entity_scale (v_full - v_text); 1 and 1 = the full prompt, one pass.
+  c.sample.text_scale = 1.0
+  c.sample.entity_scale = 1.0
   c.sample.num_images = 8
   c.sample.use_ema = True
   # Weights for --mode=sample / evaluate: '' = the workdir's latest Orbax checkpoint; else a

@@ -320,6 +320,68 @@ def _check_decoupled(config) -> Iterator[str]:
       yield str(e)
 
 
+def _check_prompt(config, num_devices, num_processes) -> Iterator[str]:
+  from mmgen_jax.models import build  # pylint: disable=g-import-not-at-top
+  if 'prompt' not in config:  # a config written before prompts existed
+    return
+  p, o, s = config.prompt, config.objective, config.sample
+  yield from _at_least('objective.entity_align_coeff', o.entity_align_coeff, 0.0)
+  yield from _at_least('sample.text_scale', s.text_scale, 0.0)
+  yield from _at_least('sample.entity_scale', s.entity_scale, 0.0)
+  probs = tuple(float(x) for x in p.kind_probs)
+  if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+    yield (f'config.prompt.kind_probs={probs} must be 3 non-negative numbers summing to 1 '
+           '(text only, entity images without their words, with them).')
+  if not p.name:
+    if o.entity_align_coeff > 0:
+      yield (f'config.objective.entity_align_coeff={o.entity_align_coeff} reads the prompt '
+             "cross-attention: set config.prompt.name='unimo' or the coefficient to 0.")
+    if s.text_scale != 1.0 or s.entity_scale != 1.0:
+      yield (f'{_WARN}config.sample.text_scale={s.text_scale} / entity_scale={s.entity_scale} '
+             'guide prompts, and config.prompt.name is empty (no prompts).')
+    return
+  yield from _one_of('prompt.name', p.name, ('', *build.PROMPT_ENCODERS))
+  if o.name != 'decoupled':
+    yield (f'config.prompt.name={p.name!r} conditions the decoupled objective only, not '
+           f'config.objective.name={o.name!r}.')
+  if config.model.class_dropout_prob <= 0:
+    yield (f'config.prompt.name={p.name!r} replaces the label by the null class, which '
+           f'config.model.class_dropout_prob={config.model.class_dropout_prob} leaves out; '
+           'make it > 0.')
+  for key in ('width', 'heads', 'max_tokens', 'entity_tokens', 'max_entities', 'entity_size',
+              'resampler_depth'):
+    yield from _at_least(f'prompt.{key}', p[key], 1)
+  yield from _at_least('prompt.depth', p.depth, 0)
+  yield from _at_least('prompt.vocab_size', p.vocab_size, 0)
+  if p.mlp_ratio <= 0:
+    yield f'config.prompt.mlp_ratio={p.mlp_ratio} must be > 0.'
+  for key in ('text_dropout_prob', 'entity_dropout_prob'):
+    yield from _in_range(f'prompt.{key}', p[key], 0.0, 1.0)
+  if p.heads >= 1 and p.width % p.heads:
+    yield f'config.prompt.width={p.width} is not divisible by config.prompt.heads={p.heads}.'
+  widths = tuple(p.entity_widths)
+  if not widths or min(widths) < 1:
+    yield f'config.prompt.entity_widths={widths} must be positive conv widths (at least one).'
+  elif p.entity_size >= 1 and p.entity_size % 2 ** len(widths):
+    yield (f'config.prompt.entity_size={p.entity_size} is not divisible by 2^{len(widths)} '
+           f'(one stride-2 conv per entry of config.prompt.entity_widths={widths}).')
+  if p.max_entities * p.entity_tokens > p.max_tokens:
+    yield (f'config.prompt: max_entities × entity_tokens = {p.max_entities} × '
+           f'{p.entity_tokens} slots do not fit in max_tokens={p.max_tokens}.')
+  try:
+    vocab = build.prompt_vocab_size(config)
+  except ValueError as e:
+    yield str(e)
+    return
+  try:
+    from mmgen_jax.data import prompts  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  if vocab < len(prompts.VOCAB):
+    yield (f'config.prompt.vocab_size={vocab} is below the {len(prompts.VOCAB)} words of '
+           'mmgen_jax.data.prompts.VOCAB; use 0 (its size).')
+
+
 def _check_optim(config, num_devices, num_processes) -> Iterator[str]:
   o = config.optim
   if o.learning_rate <= 0:
@@ -362,8 +424,8 @@ def _check_sample(config, num_devices, num_processes) -> Iterator[str]:
 
 
 _CHECKS: tuple[Check, ...] = (_check_modalities, _check_data, _check_mesh, _check_model,
-                              _check_narrow_patch, _check_objective, _check_optim, _check_train,
-                              _check_sample)
+                              _check_narrow_patch, _check_objective, _check_prompt, _check_optim,
+                              _check_train, _check_sample)
 
 
 def describe(config: ml_collections.ConfigDict) -> str:

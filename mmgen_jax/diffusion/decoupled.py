@@ -53,6 +53,31 @@ grid. As in MMGen's train.py (`--use-half-projloss` off) it is taken over
 every sample whatever its mode (joint, RGB-only or conditional) and is not
 split into groups: each process's mean, averaged by DDP, is the batch mean.
 
+Multimodal prompts (`config.prompt`, models/prompt_encoder.py). When the model
+has a prompt encoder and the batch holds the prompt fields (`prompt_tokens`,
+`prompt_mask`, `prompt_entity`, `entity_images`), the prompt conditions every
+sample and the class label is replaced by the null class: the prompt names the
+scene's objects, so a label beside it would be a second, partly redundant
+condition, and guidance would have to decide what to do with it. One condition,
+one set of guidance passes; a prompt model still samples from labels without a
+prompt. Each sample's words leave the prompt with probability
+`prompt.text_dropout_prob` and its entity images with `entity_dropout_prob`,
+independently (by masking: `prompt_encoder.drop_condition`), so the model
+learns the "none", "text only" and "full" conditions guidance combines.
+
+Entity alignment (`entity_align_coeff` > 0; FastComposer's localisation loss):
+with A the cross-attention weights of the image tokens on the prompt tokens (the
+mean over blocks and heads, `ModelOutput.attention`), a_k = the weight each
+image token puts on entity k's tokens (its phrase `entity_spans`, which holds
+its '<ent>' slots, and the slots marked k + 1; only tokens left in the prompt),
+and m_k its mask `entity_masks` averaged over each token's patch,
+
+  align = mean over present (sample, k) of
+          sum_T a_k (1 - m_k) / sum_T (1 - m_k)  -  sum_T a_k m_k / sum_T m_k,
+
+a present entity having unmasked tokens and a mask covering part (not all) of
+the image. It lies in [-1, 1] and falls as attention moves inside the masks.
+
 Read against MMGen's loss.py / train.py (jiepengwang/MMGen). Differences:
 
 * MMGen masks the condition slot's loss only when RGB-only training or a fixed
@@ -73,6 +98,10 @@ import jax.numpy as jnp
 
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax.diffusion import paths
+from mmgen_jax.models import prompt_encoder as prompt_lib
+
+# Batch fields of the entity alignment loss (the prompt data contract).
+ENTITY_MASKS, ENTITY_SPANS, ENTITY_VALID = 'entity_masks', 'entity_spans', 'entity_valid'
 
 LAYOUTS = ('per_sample', 'by_position')
 SLOT_DROPOUTS = ('fixed', 'per_batch')
@@ -103,6 +132,9 @@ def check_cfg(cfg, names: Sequence[str]) -> None:
                      'whole batch).')
   if cfg.repa_coeff < 0:
     raise ValueError(f'config.objective.repa_coeff={cfg.repa_coeff} must be >= 0 (0: no REPA).')
+  if getattr(cfg, 'entity_align_coeff', 0.0) < 0:
+    raise ValueError(f'config.objective.entity_align_coeff={cfg.entity_align_coeff} must be >= 0 '
+                     '(0: no alignment loss).')
 
 
 def group_size(cfg, n: int) -> int:
@@ -239,9 +271,65 @@ def _repa_features(batch: Mapping[str, jax.Array], zs_tilde: Sequence[jax.Array]
   return features
 
 
+def entity_token_sets(prompt: prompt_lib.Prompt, spans: jax.Array | None,
+                      num_entities: int) -> jax.Array:
+  """(N, K, L) bool: entity k's tokens, its phrase [start, end) and its slots, where unmasked."""
+  length = prompt.tokens.shape[1]
+  pos = jnp.arange(length)
+  sets = prompt.entity[:, None, :] == jnp.arange(1, num_entities + 1)[None, :, None]
+  if spans is not None:
+    if spans.shape != (prompt.tokens.shape[0], num_entities, 2):
+      raise ValueError(f'batch[{ENTITY_SPANS!r}] has shape {tuple(spans.shape)}; expected '
+                       f'({prompt.tokens.shape[0]}, {num_entities}, 2) [start, end) per entity.')
+    sets |= (pos >= spans[..., :1]) & (pos < spans[..., 1:])
+  return sets & prompt.mask[:, None, :]
+
+
+def masks_to_tokens(masks: jax.Array, grid: int) -> jax.Array:
+  """(N, K, H, W) masks -> (N, K, grid²) fractions of each token's patch (row-major tokens)."""
+  n, k, h, w = masks.shape
+  if h != w or h % grid:
+    raise ValueError(f'batch[{ENTITY_MASKS!r}] has {h}×{w} masks; expected a square side that '
+                     f'is a multiple of the {grid}×{grid} token grid.')
+  f = h // grid
+  m = masks.astype(jnp.float32).reshape(n, k, grid, f, grid, f).mean(axis=(3, 5))
+  return m.reshape(n, k, grid * grid)
+
+
+def entity_alignment_loss(attention: jax.Array, token_sets: jax.Array, token_masks: jax.Array,
+                          present: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """FastComposer's balanced localisation loss (module docstring); returns (loss, count).
+
+  attention: (N, T, L) weights of image tokens on prompt tokens; token_sets: (N,
+  K, L) bool; token_masks: (N, K, T) in [0, 1]; present: (N, K) bool or None.
+  count: the (sample, entity) pairs that took part (0 gives loss 0).
+  """
+  a = jnp.einsum('ntl,nkl->nkt', attention.astype(jnp.float32), token_sets.astype(jnp.float32))
+  m = token_masks.astype(jnp.float32)
+  inside, outside = m.sum(-1), (1.0 - m).sum(-1)
+  fg = (a * m).sum(-1) / jnp.maximum(inside, 1e-6)
+  bg = (a * (1.0 - m)).sum(-1) / jnp.maximum(outside, 1e-6)
+  valid = token_sets.any(-1) & (inside > 0) & (outside > 0)
+  if present is not None:
+    valid &= present.astype(bool)
+  count = valid.sum()
+  loss = jnp.where(valid, bg - fg, 0.0).sum() / jnp.maximum(count, 1)
+  return loss, count
+
+
+def drop_prompt(rng, prompt: prompt_lib.Prompt, text_prob: float, entity_prob: float
+                ) -> tuple[prompt_lib.Prompt, jax.Array, jax.Array]:
+  """Condition dropout: each sample loses its words (text_prob) and, independently, its
+  entity images (entity_prob). Returns (prompt, drop_text, drop_entities)."""
+  u = jax.random.uniform(rng, (prompt.tokens.shape[0], 2))
+  drop_text, drop_entities = u[:, 0] < text_prob, u[:, 1] < entity_prob
+  return prompt_lib.drop_condition(prompt, drop_text, drop_entities), drop_text, drop_entities
+
+
 def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *,
                    mods: Sequence[modalities_lib.Modality], cfg, num_classes: int,
-                   class_dropout_prob: float = 0.0, use_task: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   class_dropout_prob: float = 0.0, use_task: bool = True,
+                   prompt_cfg=None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """MMGen's multi-modal loss. `cfg` is config.objective; returns (loss, metrics).
 
   `batch` holds each image modality (N, H, W, C) in model space and 'label'
@@ -249,6 +337,8 @@ def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *,
   use_task=False for a model without task embedding (the task is then implied
   by the condition slot's small t only). With cfg.repa_coeff > 0 the batch also
   holds 'repa_features' (N, T, z) and the REPA term is added (module docstring).
+  prompt_cfg: config.prompt of a model with a prompt encoder (None: no prompts);
+  a batch with the prompt fields then conditions on its prompts (module docstring).
   """
   images = modalities_lib.images(mods)
   names = [m.name for m in images]
@@ -264,12 +354,34 @@ def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *,
 
   k_modes, k_label, k_noise = jax.random.split(rng, 3)
   modes = sample_modes(k_modes, n, names, cfg)
-  y = drop_labels(k_label, batch['label'], class_dropout_prob, num_classes)
+  prompt = prompt_lib.from_batch(batch) if prompt_cfg is not None else None
+  align_coeff = float(getattr(cfg, 'entity_align_coeff', 0.0))
+  if align_coeff > 0 and prompt is None:
+    raise ValueError(f'config.objective.entity_align_coeff={align_coeff} needs prompts: set '
+                     'config.prompt.name and give batches with the prompt fields '
+                     f'{list(prompt_lib.FIELDS)}; the batch has {sorted(batch)}.')
+  prompt_metrics = {}
+  if prompt is None:
+    y = drop_labels(k_label, batch['label'], class_dropout_prob, num_classes)
+  else:  # the prompt conditions; the label is the null class (module docstring)
+    if class_dropout_prob <= 0:
+      raise ValueError('a prompt replaces the label by the null class, which a model with '
+                       'config.model.class_dropout_prob=0 does not have.')
+    y = jnp.full((n,), num_classes, jnp.int32)
+    prompt, drop_text, drop_entities = drop_prompt(
+        k_label, prompt, float(prompt_cfg.text_dropout_prob),
+        float(prompt_cfg.entity_dropout_prob))
+    prompt_metrics = {'prompt/text_dropped': drop_text.mean(),
+                      'prompt/entities_dropped': drop_entities.mean()}
 
   eps = paths.normal(k_noise, x0.shape, x0.dtype)
   t_ch = paths.slot_times_to_channels(modes['t'], channels)
   x_t = paths.interpolate(cfg.path, x0, eps, t_ch)
-  out = model(x_t, modes['t'], y, task=modes['task'] if use_task else None)
+  task = modes['task'] if use_task else None
+  if prompt is None:
+    out = model(x_t, modes['t'], y, task=task)
+  else:
+    out = model(x_t, modes['t'], y, task=task, prompt=prompt, return_attention=align_coeff > 0)
   if len(out.images) != len(images):
     raise ValueError(f'model returned {len(out.images)} image heads; expected one per image '
                      f'modality {names}.')
@@ -290,15 +402,40 @@ def decoupled_loss(model, batch: Mapping[str, jax.Array], rng, *,
     metrics.update(diffusion_loss=loss, repa_loss=proj)
     loss = loss + cfg.repa_coeff * proj
     metrics['loss'] = loss
+  metrics.update(prompt_metrics)
+  if align_coeff > 0:
+    align, count = _alignment(out.attention, prompt, batch)
+    metrics.update(entity_align_loss=align, entity_align_count=count.astype(jnp.float32))
+    loss = loss + align_coeff * align
+    metrics['loss'] = loss
   for i, name in enumerate(names):
     metrics[f'loss/{name}'] = losses[:, i].mean()
     metrics[f'supervised_fraction/{name}'] = modes['supervised'][:, i].mean()
   return loss, metrics
 
 
+def _alignment(attention, prompt: prompt_lib.Prompt, batch: Mapping[str, jax.Array]
+               ) -> tuple[jax.Array, jax.Array]:
+  """The alignment loss of a batch: its masks (at the scene's pixel resolution, whatever
+  the codec) averaged onto the token grid of `attention`."""
+  if ENTITY_MASKS not in batch:
+    raise KeyError(f'config.objective.entity_align_coeff > 0 needs batch[{ENTITY_MASKS!r}] (N, K, '
+                   f'H, W); the batch has {sorted(batch)}.')
+  masks = batch[ENTITY_MASKS]
+  grid = int(round(attention.shape[1] ** 0.5))
+  if masks.ndim != 4:
+    raise ValueError(f'batch[{ENTITY_MASKS!r}] has shape {tuple(masks.shape)}; expected (N, K, '
+                     f'H, W), H = W a multiple of the {grid}×{grid} token grid.')
+  sets = entity_token_sets(prompt, batch.get(ENTITY_SPANS), masks.shape[1])
+  return entity_alignment_loss(attention, sets, masks_to_tokens(masks, grid),
+                               batch.get(ENTITY_VALID))
+
+
 def make_loss_fn(config) -> Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple]:
   """(model, batch, rng) -> (loss, metrics) for the full config."""
+  prompt = config.get('prompt')
   return functools.partial(
       decoupled_loss, mods=modalities_lib.from_config(config.modalities), cfg=config.objective,
       num_classes=config.data.num_classes, class_dropout_prob=config.model.class_dropout_prob,
-      use_task=config.model.use_task_embedding)
+      use_task=config.model.use_task_embedding,
+      prompt_cfg=prompt if prompt is not None and prompt.name else None)

@@ -24,6 +24,12 @@ Read against MMGen's `samplers.py` and `exp_sample.py` (jiepengwang/MMGen):
   evaluated: for Heun's corrector the step's end) satisfies
   guidance_low <= t <= guidance_high, as euler_sampler does. MMGen's
   euler_maruyama_sampler guides every step, which is the default interval [0, 1].
+* Prompt guidance (a multimodal prompt, models/prompt_encoder.py): the model
+  sees the null class (as in training) and three prompts per sample on a
+  tripled batch, none / text only (entity images dropped) / full, combined by
+  `prompt_encoder.combine_guidance` with separate text and entity scales, at the
+  same calls (guidance_low <= t <= guidance_high). Scales 1 and 1 are the full
+  prompt alone, one pass.
 * 'euler' and 'heun' integrate dx/dt = v on linspace(t_max, 0, N + 1); Heun's
   last step is plain Euler (it would evaluate at t = 0), as in euler_sampler.
 * 'euler_maruyama' (exp_sample.py's sampler) steps on linspace(t_max, 0.04, N)
@@ -45,6 +51,7 @@ import numpy as np
 
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax.diffusion import paths
+from mmgen_jax.models import prompt_encoder as prompt_lib
 
 METHODS = ('euler', 'heun', 'euler_maruyama')
 SDE_LAST_T = 0.04  # euler_maruyama's last noisy time, as in MMGen's samplers.py
@@ -83,6 +90,12 @@ def guided_times(ts: np.ndarray, cfg_scale: float, guidance_low: float,
   return (cfg_scale > 1.0) & (guidance_low <= ts) & (ts <= guidance_high)
 
 
+def prompt_settings_from_config(config: ml_collections.ConfigDict) -> dict:
+  """`sample`'s prompt guidance scales from config.sample (used with a prompt)."""
+  return dict(text_scale=float(config.sample.text_scale),
+              entity_scale=float(config.sample.entity_scale))
+
+
 def settings_from_config(config: ml_collections.ConfigDict) -> dict:
   """`sample` keyword arguments from config.sample (and the path/prediction trained on)."""
   s = config.sample
@@ -93,12 +106,14 @@ def settings_from_config(config: ml_collections.ConfigDict) -> dict:
 
 
 def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[int, int, int],
-           y: jax.Array, num_classes: int, condition: Mapping[str, jax.Array] | None = None,
+           y: jax.Array | None, num_classes: int,
+           condition: Mapping[str, jax.Array] | None = None,
            num_steps: int = 50, cfg_scale: float = 1.0, guidance_low: float = 0.0,
            guidance_high: float = 1.0, method: str = 'euler', t_cond: float = 0.005,
            t_max: float = 1.0, path: str = 'linear', prediction: str = 'v',
            channels: Sequence[int] | None = None, use_task: bool = True,
-           noise: Noise | None = None) -> dict[str, jax.Array]:
+           noise: Noise | None = None, prompt: prompt_lib.Prompt | None = None,
+           text_scale: float = 1.0, entity_scale: float = 1.0) -> dict[str, jax.Array]:
   """Samples every image modality; returns {name: (N, H, W, C)}.
 
   shape: (N, H, W) in model space; channels: model-space channels per image
@@ -106,7 +121,9 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
   ids; condition: at most one image modality held fixed, at time t_cond;
   guidance (cfg_scale > 1) where guidance_low <= t <= guidance_high;
   use_task=False for a model without task embedding; noise: replaces the
-  draws from `rng`.
+  draws from `rng`. prompt: (N, ...) multimodal prompts of a model with a prompt
+  encoder; it replaces the label (pass y=None: the model sees the null class)
+  and is guided by text_scale / entity_scale (module docstring).
   """
   images = modalities_lib.images(mods)
   names = [m.name for m in images]
@@ -131,8 +148,22 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
     raise ValueError(f'condition on at most one modality (the task index names one), '
                      f'got {sorted(condition)}.')
   n, h, w = shape
-  if y.shape != (n,):
-    raise ValueError(f'y must have shape ({n},), got {y.shape}.')
+  prompt_guided = prompt is not None and (text_scale != 1.0 or entity_scale != 1.0)
+  if prompt is not None:
+    if y is not None:
+      raise ValueError('pass y=None with a prompt: the prompt replaces the class label (the '
+                       'model sees the null class, as in training).')
+    if cfg_scale != 1.0:
+      raise ValueError(f'cfg_scale={cfg_scale} guides the class label, which a prompt replaces; '
+                       'use text_scale / entity_scale.')
+    if prompt.tokens.shape[0] != n:
+      raise ValueError(f'prompt holds {prompt.tokens.shape[0]} prompts for {n} samples.')
+    y = jnp.full((n,), num_classes, jnp.int32)
+  elif text_scale != 1.0 or entity_scale != 1.0:
+    raise ValueError(f'text_scale={text_scale} / entity_scale={entity_scale} guide a prompt; '
+                     'none was given.')
+  if y is None or y.shape != (n,):
+    raise ValueError(f'y must have shape ({n},), got {None if y is None else y.shape}.')
   full_shape = (n, h, w, sum(ch))
   if noise is None:
     k_init, k_sde = jax.random.split(rng)
@@ -169,20 +200,29 @@ def sample(model, rng, *, mods: Sequence[modalities_lib.Modality], shape: tuple[
 
   def velocity(model_state, x, t, guided: bool):
     net = nnx.merge(graphdef, model_state)
-    y_in = jnp.concatenate([y, jnp.full_like(y, num_classes)]) if guided else y
-    x_in = jnp.concatenate([x, x]) if guided else x
+    if prompt is not None:  # guided: [none; text only; full] on a tripled batch
+      copies, kw = (3, dict(prompt=prompt_lib.guidance_passes(prompt))) if guided else (
+          1, dict(prompt=prompt))
+      y_in = jnp.tile(y, copies)
+    else:
+      copies, kw = (2, {}) if guided else (1, {})
+      y_in = jnp.concatenate([y, jnp.full_like(y, num_classes)]) if guided else y
+    x_in = jnp.tile(x, (copies, 1, 1, 1))
     t_slots = jnp.where(cond_slots[None, :], t_cond, jnp.full((x_in.shape[0], len(ch)), t))
     task_in = jnp.full((x_in.shape[0],), task, jnp.int32) if use_task else None
-    out = net(x_in, t_slots, y_in, task=task_in)
+    out = net(x_in, t_slots, y_in, task=task_in, **kw)
     pred = jnp.concatenate(out.images, axis=-1).astype(jnp.float32)
     v = paths.to_velocity(path, prediction, pred, x_in, paths.slot_times_to_channels(t_slots, ch))
-    if guided:
+    if guided and prompt is not None:
+      v = prompt_lib.combine_guidance(*jnp.split(v, 3), text_scale, entity_scale)
+    elif guided:
       v_y, v_null = jnp.split(v, 2)
       v = v_null + cfg_scale * (v_y - v_null)
     return v
 
   grid = time_grid(num_steps, method, t_max)
-  guided = guided_times(grid, cfg_scale, guidance_low, guidance_high)
+  guided = (guided_times(grid, cfg_scale, guidance_low, guidance_high) if prompt is None else
+            prompt_guided & (guidance_low <= grid) & (grid <= guidance_high))
   ts = jnp.asarray(grid, jnp.float32)
 
   def velocity_at(model_state, i, x):

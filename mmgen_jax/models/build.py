@@ -60,7 +60,8 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
                      "['decoupled', 'mt_elbo'].")
 
   repa = int(m.repa_encoder_depth)
-  return dict(
+  prompt = prompt_kwargs(config)
+  return dict(**({'prompt': prompt} if prompt else {}),
       input_size=input_size, patch_size=int(m.patch_size), **layout,
       hidden_size=int(m.hidden_size), depth=int(m.depth), num_heads=int(m.num_heads),
       mlp_ratio=float(m.mlp_ratio), qk_norm=bool(m.qk_norm),
@@ -71,6 +72,39 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
       scan_unroll=int(m.scan_unroll), remat_policy=str(m.remat_policy),
       batch_axes=parallel.rules_dict(config.sharding_rules).get('batch'),
       dtype=_dtype(m.dtype, 'dtype'), param_dtype=_dtype(m.param_dtype, 'param_dtype'))
+
+
+PROMPT_ENCODERS = ('unimo',)
+
+
+def prompt_vocab_size(config: ml_collections.ConfigDict) -> int:
+  """config.prompt.vocab_size, or (0) the size of the data side's `prompts.VOCAB`."""
+  size = int(config.prompt.vocab_size)
+  if size > 0:
+    return size
+  try:
+    from mmgen_jax.data import prompts  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError('config.prompt.vocab_size=0 takes the size of mmgen_jax.data.prompts.VOCAB, '
+                     f'which cannot be imported ({e}); set config.prompt.vocab_size.') from e
+  return len(prompts.VOCAB)
+
+
+def prompt_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """`PromptEncoder` arguments of config.prompt, None when config.prompt.name is ''."""
+  p = config.get('prompt')
+  if p is None or not p.name:
+    return None
+  if p.name not in PROMPT_ENCODERS:
+    raise ValueError(f'config.prompt.name={p.name!r} is not one of {["", *PROMPT_ENCODERS]}.')
+  if config.objective.name != 'decoupled':
+    raise ValueError(f'config.prompt.name={p.name!r} conditions the decoupled objective only, '
+                     f'not config.objective.name={config.objective.name!r}.')
+  return dict(vocab_size=prompt_vocab_size(config), width=int(p.width), depth=int(p.depth),
+              num_heads=int(p.heads), entity_tokens=int(p.entity_tokens),
+              max_tokens=int(p.max_tokens), max_entities=int(p.max_entities),
+              entity_size=int(p.entity_size), entity_widths=tuple(int(w) for w in p.entity_widths),
+              resampler_depth=int(p.resampler_depth), mlp_ratio=float(p.mlp_ratio))
 
 
 def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> dit.MMDiT:

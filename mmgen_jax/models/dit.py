@@ -15,6 +15,15 @@ rescaled. Label dropout for classifier-free guidance is done by the objective
 (it replaces y by the null id `num_classes`), so the forward pass is
 deterministic.
 
+With a prompt encoder (`prompt`, models/prompt_encoder.py: UNIMO-G style
+text interleaved with entity images), every block also cross-attends from the
+image tokens to the prompt's tokens (PixArt-α: after self-attention, keys and
+values from the prompt, padded keys masked), and the pooled prompt embedding is
+added to the adaLN conditioning c. Both enter through zero-initialised
+projections, so a model given a prompt-free checkpoint's weights (new
+parameters at their initial values) computes exactly that checkpoint's
+outputs. Without `prompt` no such parameter exists.
+
 The trunk's blocks are one stacked `DiTBlock` whose parameters have a leading
 'layers' axis, applied with `nnx.scan` (`scan_layers=True`: compile time does
 not grow with depth), or a list of blocks applied one after the other
@@ -34,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmgen_jax.models import layers
+from mmgen_jax.models import prompt_encoder as prompt_lib
 from mmgen_jax.models.layers import Numerics, dense, layer_norm, modulate
 
 FREQUENCY_DIM = 256  # sinusoid features per time, as in DiT
@@ -61,11 +71,15 @@ class ModelOutput:
   logits: one (N, K_c) float32 array per class head.
   zs: one (N, T, z) float32 REPA projection per z_dim (empty without REPA).
   intermediates: name -> array when asked for (`return_intermediates=True`).
+  attention: (N, T, L) float32 cross-attention weights of the image tokens on the
+    prompt tokens, the mean over blocks and heads, when asked for
+    (`return_attention=True`); each row sums to 1 minus the null key's share.
   """
   images: tuple[jax.Array, ...]
   logits: tuple[jax.Array, ...] = ()
   zs: tuple[jax.Array, ...] = ()
   intermediates: dict[str, jax.Array] | None = None
+  attention: jax.Array | None = None
 
 
 class TimestepEmbedder(nnx.Module):
@@ -149,23 +163,46 @@ class LabelEmbedder(nnx.Module):
 
 
 class DiTBlock(nnx.Module):
-  """Transformer block with adaptive LayerNorm-Zero conditioning on c."""
+  """Transformer block with adaptive LayerNorm-Zero conditioning on c.
+
+  With context_dim > 0 (a prompt encoder of that width) the block cross-attends
+  from its LayerNorm-ed tokens to the prompt between self-attention and the MLP
+  (PixArt-α; PixArt feeds the raw tokens as queries), with one learned null
+  key/value beside the prompt's and a zero-initialised output projection.
+  """
 
   def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *,
-               qk_norm: bool = False, numerics: Numerics, rngs: nnx.Rngs):
+               qk_norm: bool = False, context_dim: int = 0, numerics: Numerics,
+               rngs: nnx.Rngs):
     self.attn = layers.Attention(hidden_size, num_heads, qk_norm=qk_norm, numerics=numerics,
                                  rngs=rngs)
+    if context_dim:
+      self.cross_attn = prompt_lib.MaskedAttention(
+          hidden_size, context_dim, num_heads, zero_out=True, null_kv=True, numerics=numerics,
+          rngs=rngs)
     self.mlp = layers.Mlp(hidden_size, int(hidden_size * mlp_ratio), numerics=numerics, rngs=rngs)
     # Zero-init: every block starts as the identity.
     self.adaln_modulation = dense(hidden_size, 6 * hidden_size, ('embed', 'mlp'), zero_init=True,
                                   numerics=numerics, rngs=rngs)
 
-  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, c: jax.Array,
+               context: prompt_lib.PromptFeatures | None = None, *,
+               return_attention: bool = False):
+    """x (N, T, D) -> (N, T, D); with return_attention also the (N, T, L) cross-attention."""
     mod = self.adaln_modulation(nnx.silu(c))[:, None, :]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     x = x + gate_msa * self.attn(modulate(layer_norm(x), shift_msa, scale_msa))
+    probs = None
+    if context is not None:
+      if not hasattr(self, 'cross_attn'):
+        raise ValueError('a prompt was given to a block without cross-attention '
+                         '(the model was built without config.prompt).')
+      out = self.cross_attn(layer_norm(x), context.tokens, context.mask,
+                            return_probs=return_attention)
+      out, probs = out if return_attention else (out, None)
+      x = x + out
     x = x + gate_mlp * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
-    return x
+    return (x, probs) if return_attention else x
 
 
 class FinalLayer(nnx.Module):
@@ -209,6 +246,7 @@ class MMDiT(nnx.Module):
                class_dropout_prob: float, num_tasks: int = 0, task_embed_init_std: float = 0.02,
                repa_encoder_depth: int = 0,
                repa_z_dims: Sequence[int] = (), repa_projector_dim: int = 2048,
+               prompt: dict[str, Any] | None = None,
                scan_layers: bool = True, scan_unroll: int = 1, remat_policy: str = 'none',
                batch_axes: str | Sequence[str] | None = None,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
@@ -230,6 +268,9 @@ class MMDiT(nnx.Module):
         init std (MMGen's nn.Embedding: 1).
       repa_encoder_depth: REPA projectors read the output of this block
         (1-based); 0 disables them. repa_z_dims: one projector per z_dim.
+      prompt: `prompt_encoder.PromptEncoder` arguments (models/build.py's
+        `prompt_kwargs`): adds the encoder, cross-attention in every block and
+        the pooled embedding's projection into c; None: none of them exist.
       scan_layers: the blocks as one stacked module run by `nnx.scan` (True), or
         as a list `blocks.0`, `blocks.1`, ... run one by one (False).
       scan_unroll: blocks per scan iteration (`jax.lax.scan`'s unroll); `depth`
@@ -262,8 +303,16 @@ class MMDiT(nnx.Module):
     self.y_embedder = LabelEmbedder(num_classes + int(class_dropout_prob > 0), hidden_size, **kw)
     self.task_embedder = (LabelEmbedder(num_tasks + 1, hidden_size, init_std=task_embed_init_std,
                                         **kw) if num_tasks else None)
+    if prompt:
+      self.prompt_encoder = prompt_lib.PromptEncoder(**prompt, **kw)
+      # Zero-init: the pooled prompt leaves c unchanged at the start.
+      self.prompt_proj = dense(self.prompt_encoder.width, hidden_size, ('mlp', 'embed'),
+                               zero_init=True, **kw)
+    else:
+      self.prompt_encoder = None
+    context_dim = self.prompt_encoder.width if prompt else 0
     make_block = lambda r: DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm,
-                                    numerics=numerics, rngs=r)
+                                    context_dim=context_dim, numerics=numerics, rngs=r)
     if scan_layers:
       self.blocks = _stacked_blocks(make_block, depth, rngs)
     else:
@@ -289,7 +338,8 @@ class MMDiT(nnx.Module):
     return layers.sincos_pos_embed_2d(self.hidden_size, self.grid_size, self.grid_size)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, task: jax.Array | None = None,
-               *, return_intermediates: bool = False) -> ModelOutput:
+               *, prompt: prompt_lib.Prompt | None = None, return_intermediates: bool = False,
+               return_attention: bool = False) -> ModelOutput:
     """Predicts every head's output for noisy input x at times t.
 
     Args:
@@ -300,7 +350,11 @@ class MMDiT(nnx.Module):
         Ids out of range are not checked inside jit.
       task: (N,) int task ids (0 = joint, m+1 = slot m is the condition), or
         None for all 0.
+      prompt: a batch of multimodal prompts (models with a prompt encoder). None
+        on such a model is the empty prompt (what prompt guidance calls "none").
       return_intermediates: also return the named activations (tests, debugging).
+      return_attention: also return the cross-attention weights on the prompt
+        (`ModelOutput.attention`; models with a prompt encoder).
     """
     n, h, w, ch = x.shape
     if (h, w, ch) != (self.input_size, self.input_size, self.in_channels):
@@ -308,6 +362,9 @@ class MMDiT(nnx.Module):
                        f'{self.input_size}, {self.in_channels}) (NHWC).')
     if task is not None and self.task_embedder is None:
       raise ValueError('task was given but the model has no task embedding (num_tasks=0).')
+    if self.prompt_encoder is None and (prompt is not None or return_attention):
+      raise ValueError('a prompt (or its attention) was asked of a model without a prompt '
+                       'encoder; build it with config.prompt.name set.')
     record = {} if return_intermediates else None
     def keep(name, value):
       if record is not None:
@@ -332,13 +389,24 @@ class MMDiT(nnx.Module):
       task_emb = self.task_embedder(jnp.zeros((n,), jnp.int32) if task is None else task)
       c = c + task_emb
       keep('task_emb', task_emb)
+    context = None
+    if self.prompt_encoder is not None:
+      context = (self.prompt_encoder(prompt) if prompt is not None
+                 else prompt_lib.empty_features(n, self.prompt_encoder.width))
+      c = c + self.prompt_proj(context.pooled)
+      keep('prompt_tokens', context.tokens)
+      keep('prompt_pooled', context.pooled)
     keep('c', c)
 
     # REPA reads the output of block k: the trunk runs as blocks [0, k), then [k, depth).
     zs = ()
+    attention = []
     cuts = sorted({0, self.repa_encoder_depth, self.depth})
     for lo, hi in zip(cuts[:-1], cuts[1:]):
-      tokens, outputs = self._run_blocks(lo, hi, tokens, c, keep_outputs=record is not None)
+      tokens, outputs, maps = self._run_blocks(lo, hi, tokens, c, context,
+                                               keep_outputs=record is not None,
+                                               return_attention=return_attention)
+      attention.extend(maps)
       for i, out in enumerate(outputs, start=lo):
         keep(f'blocks.{i}', out)
       if hi == self.repa_encoder_depth:
@@ -352,30 +420,42 @@ class MMDiT(nnx.Module):
       keep(f'final_layer.{m}', out)
       images.append(layers.unpatchify(out, self.patch_size, self.grid_size, self.grid_size))
     logits = tuple(head(tokens, c) for head in self.class_heads)
-    return ModelOutput(images=tuple(images), logits=logits, zs=zs, intermediates=record)
+    return ModelOutput(images=tuple(images), logits=logits, zs=zs, intermediates=record,
+                       attention=(sum(attention) / len(attention)) if return_attention else None)
 
-  def _run_blocks(self, lo: int, hi: int, x: jax.Array, c: jax.Array, *, keep_outputs: bool
-                  ) -> tuple[jax.Array, list[jax.Array]]:
-    """Blocks lo, ..., hi-1 applied to x; with keep_outputs also each block's output."""
-    call = _block_call(self.remat_policy, scanned=self.scan_layers)
+  def _run_blocks(self, lo: int, hi: int, x: jax.Array, c: jax.Array,
+                  context: prompt_lib.PromptFeatures | None, *, keep_outputs: bool,
+                  return_attention: bool = False
+                  ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+    """Blocks lo, ..., hi-1 applied to x.
+
+    Returns x, each block's output (with keep_outputs) and each block's
+    cross-attention weights (with return_attention).
+    """
+    call = _block_call(self.remat_policy, scanned=self.scan_layers,
+                       return_attention=return_attention)
     if not self.scan_layers:
-      outputs = []
+      outputs, maps = [], []
       for i in range(lo, hi):
-        x = call(self.blocks[i], x, c)
+        x, probs = call(self.blocks[i], x, c, context)
         outputs.append(x)
-      return x, outputs if keep_outputs else []
+        maps.append(probs)
+      return x, outputs if keep_outputs else [], maps if return_attention else []
 
-    def step(block, x, c):
-      x = call(block, _split_batch(x, self.batch_axes), c)
-      return x, (x if keep_outputs else None)
+    def step(block, x, c, context):
+      if context is not None:
+        context = context.replace(tokens=_split_batch(context.tokens, self.batch_axes))
+      x, probs = call(block, _split_batch(x, self.batch_axes), c, context)
+      return x, (x if keep_outputs else None, probs)
 
     # The blocks change no state, so the scan propagates no updates: that also serves a
     # model merged from arrays closed over by an outer loop (samplers), which nnx.scan
     # could not update in place.
     stack = self.blocks if (lo, hi) == (0, self.depth) else _layer_range(self.blocks, lo, hi)
-    x, stacked = nnx.scan(step, in_axes=(0, nnx.Carry, None), out_axes=(nnx.Carry, 0),
-                          unroll=self.scan_unroll, graph_updates=False)(stack, x, c)
-    return x, list(stacked) if keep_outputs else []
+    x, (stacked, maps) = nnx.scan(
+        step, in_axes=(0, nnx.Carry, None, None), out_axes=(nnx.Carry, 0),
+        unroll=self.scan_unroll, graph_updates=False)(stack, x, c, context)
+    return x, list(stacked) if keep_outputs else [], list(maps) if return_attention else []
 
 
 def _split_batch(x: jax.Array, batch_axes: str | tuple[str, ...] | None) -> jax.Array:
@@ -402,9 +482,15 @@ def _layer_range(stack: DiTBlock, lo: int, hi: int) -> DiTBlock:
   return nnx.merge(graphdef, jax.tree.map(lambda a: a[lo:hi], state))
 
 
-def _block_call(remat_policy: str, *, scanned: bool):
-  """block(x, c), recomputed in the backward pass as `remat_policy` says."""
-  call = lambda block, x, c: block(x, c)
+def _block_call(remat_policy: str, *, scanned: bool, return_attention: bool = False):
+  """(block, x, c, context) -> (x, cross-attention or None), recomputed in the backward
+  pass as `remat_policy` says."""
+  def call(block, x, c, context):
+    if context is None:  # the prompt-free block, called exactly as before
+      return block(x, c), None
+    if return_attention:
+      return block(x, c, context, return_attention=True)
+    return block(x, c, context), None
   policy = REMAT_POLICIES[remat_policy]
   if policy is None:
     return call
