@@ -253,38 +253,31 @@ def test_centre_crop_maps_the_camera_with_the_pixels():
 # ---- the command line on photographs, then training --------------------------------------------
 
 
-def _tiny_model_workdir(path):
-  """A one-block DiT (tiny_cpu's modalities at 32 px) saved as a checkpoint, weights perturbed so
-  its output depends on its input."""
+def _tiny_model_weights(path):
+  """A one-block DiT (tiny_cpu's modalities at 32 px) as converted .safetensors, its weights
+  perturbed so that its output depends on its input (adaLN-Zero starts as a constant map)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mmgen_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from mmgen_jax import parallel, train  # pylint: disable=g-import-not-at-top
-  from mmgen_jax import train_state as ts_lib  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import train  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.models import convert  # pylint: disable=g-import-not-at-top
   from configs import tiny_cpu  # pylint: disable=g-import-not-at-top
   config = tiny_cpu.get_config()
   for k, v in MODEL_OVERRIDES.items():
     section, leaf = k.split('.')
     config[section][leaf] = v
-  mesh = parallel.make_mesh(config.mesh)
-  tx = ts_lib.make_optimizer(config.optim, ts_lib.make_schedule(config.optim, 10))
-  plan = ts_lib.plan_train_state(train.default_parts(config).model_fn, tx, mesh,
-                                 config.sharding_rules, 0, config.train.rng_impl)
-  state = plan.init()
+  with jax.default_device(jax.devices()[0]):
+    model = train.default_parts(config).model_fn(nnx.Rngs(0))
   g = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: jax.device_put(
-      np.asarray(x) + 0.05 * g.standard_normal(x.shape).astype(np.float32), x.sharding),
-                        state.params)
-  state = state.replace(params=params, ema_params=params)
-  ckpt = checkpoint_lib.Checkpointer(path, config)
-  ckpt.save(1, state, None, force=True)
-  ckpt.wait_until_finished()
-  ckpt.close()
+  params = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree.map(
+      lambda x: x + 0.05 * g.standard_normal(x.shape).astype(np.float32), params))
+  convert.save_params(str(path), model)
   return str(path)
 
 
 MODEL_OVERRIDES = {'model.depth': 1, 'model.hidden_size': 64, 'model.num_heads': 2,
                    'model.patch_size': 4, 'sample.num_steps': 2, 'sample.num_images': 4,
-                   'mesh.data': 1}
+}
 PHOTOS = {'animals': ('chelsea', 'astronaut'), 'things': ('coffee', 'rocket', 'camera')}
 
 
@@ -303,12 +296,12 @@ def _photos(root):
 @pytest.mark.slow
 def test_the_command_labels_photographs_and_training_reads_them(tmp_path):
   photos = _photos(tmp_path / 'photos')
-  workdir = _tiny_model_workdir(tmp_path / 'model')
+  weights = _tiny_model_weights(tmp_path / 'dit.safetensors')
   out = tmp_path / 'tfds'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
   cmd = [sys.executable, '-m', 'mmgen_jax.data.label_images', f'--input={photos}', f'--out={out}',
          '--name=photos_mmgen', '--resolution=32', '--shard_size=3', '--batch_size=2',
-         f'--depth=mmgen:{workdir}', f'--mmgen_config={REPO}/configs/tiny_cpu.py',
+         f'--depth=mmgen:{weights}', f'--mmgen_config={REPO}/configs/tiny_cpu.py',
          *[f'--mmgen_config.{k}={v}' for k, v in MODEL_OVERRIDES.items()],
          '--normals=geometric', '--segmentation=felzenszwalb']
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -333,14 +326,15 @@ def test_the_command_labels_photographs_and_training_reads_them(tmp_path):
       normal=modalities.spec(2, 'stablenormal_rgb', 0.1),
       segmentation=modalities.spec(3, 'random_colors', 0.1, color_seed=0)))
   config.data.name, config.data.builder_config, config.data.data_dir = 'photos_mmgen', '', str(out)
-  config.data.num_classes, config.data.global_batch_size = 2, 4
-  config.data.eval_split = 'train'
+  config.data.num_classes, config.data.global_batch_size = 2, 8
+  config.data.eval_split = 'train'  # one split was labelled
   for k, v in MODEL_OVERRIDES.items():
     section, leaf = k.split('.')
     config[section][leaf] = v
-  batch = next(pipeline.make_iterator(config, 'train', train=False))
-  assert batch['rgb'].shape == (4, 32, 32, 3) and batch['depth'].shape == (4, 32, 32, 1)
-  assert sorted(batch['label'].tolist()) == [0, 0, 1, 1]  # animals: 2, things: 2
+  batch = next(pipeline.make_iterator(config, 'train', train=True))  # 4 records, repeated
+  assert batch['rgb'].shape == (8, 32, 32, 3) and batch['depth'].shape == (8, 32, 32, 1)
+  labels = dict(zip(batch['index'].tolist(), batch['label'].tolist()))
+  assert labels == {0: 0, 1: 0, 2: 1, 3: 1}  # astronaut, chelsea; coffee, rocket
   for name in ('depth', 'normal', 'segmentation'):
     assert batch[name].min() >= -1.0 and batch[name].max() <= 1.0 and batch[name].std() > 0.05
   config.train.num_steps, config.train.log_every = 2, 1

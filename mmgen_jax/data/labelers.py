@@ -247,11 +247,15 @@ class MmgenDepth:
     pixels = np.stack([inf.to_model(im.astype(np.float32) / np.float32(255.0), self.rgb,
                                     s.resolution) for im in batch.images])
     n = len(pixels)
-    got = s(stage=0, index=np.asarray(batch.index), member=np.zeros(n, np.int32),
-            y=np.full(n, s.num_classes, np.int32), cond_name=self.rgb.name,
-            cond=s.encode(self.rgb.name, pixels))
+    # Rows padded to a multiple of the sampler's chunk (repeating the last image, whose
+    # noise index is its own), so every call has one shape and compiles once.
+    chunk = s.chunk_size(int(s.config.sample.num_images))
+    take = np.concatenate([np.arange(n), np.full(-n % chunk, n - 1)])
+    got = s(stage=0, index=np.asarray(batch.index)[take], member=np.zeros(len(take), np.int32),
+            y=np.full(len(take), s.num_classes, np.int32), cond_name=self.rgb.name,
+            cond=s.encode(self.rgb.name, pixels[take]))
     depth = np.stack([inf.decode(x, self.depth, inf.DEFAULT_DEPTH_RANGE)
-                      for x in got[self.depth.name]])
+                      for x in got[self.depth.name][:n]])
     depth = np.where(np.isfinite(depth), depth, inf.DEFAULT_DEPTH_RANGE[1] * 1e3)  # beyond far
     disparity = 1.0 / np.maximum(depth, 1e-6)
     return DepthResult(_resize_planes(disparity, batch.images.shape[1:3]), affine_invariant=True)
