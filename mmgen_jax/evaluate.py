@@ -295,6 +295,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   if int(config.eval.gen.num_samples) > 0 and config.objective.name == 'decoupled':
     from mmgen_jax import generation_eval  # pylint: disable=g-import-not-at-top
     results.update(generation_eval.evaluate_generation(config, workdir, model, step, mesh))
+  elif int(config.eval.gen.num_samples) > 0:  # mt_elbo: its joint samples
+    results.update(mt_eval.evaluate_generation_mt(config, workdir, model, step, mesh))
 
   if jax.process_index() == 0:
     writer = metric_writers.create_default_writer(workdir, just_logging=False)

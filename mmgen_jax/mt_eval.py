@@ -11,10 +11,21 @@ With the primary (RGB) observed and held at `config.sample.t_cond`
   rate of the same examples (chance).
 
 Every key is 'eval/mt/...'.
+
+With `config.eval.gen.num_samples` > 0, `evaluate_generation_mt` also scores
+JOINT samples (nothing observed, every auxiliary generated, `mt_elbo.sample`)
+with the generation job's feature networks (`generation_eval`: scenes FD per
+image modality, FID/IS/precision/recall with the Inception weights), resumable
+as that job is, under 'eval/mt/gen/...'. A trunk trained with class labels
+(no class modality) samples class i mod K, and class_acc is as in the
+decoupled job; with a class modality the label is generated with the image,
+and 'eval/mt/gen/label_agreement/<modality>' is how often the scenes
+network's class of the sampled image equals the label sampled with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 from absl import logging
@@ -25,6 +36,7 @@ import numpy as np
 
 from mmgen_jax import codec as codec_lib
 from mmgen_jax import modalities as modalities_lib
+from mmgen_jax import parallel
 from mmgen_jax.diffusion import mt_elbo
 
 
@@ -76,6 +88,76 @@ def mt_predictor(config: ml_collections.ConfigDict, model: Any, mesh: jax.shardi
       return codec.decode({name: out[name] for name in aux_images})
 
   return predict
+
+
+def make_joint_sampler(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh,
+                       codec: codec_lib.Codec):
+  """batch index -> joint samples: the image modalities (pixels, global) and, per class
+  modality, its sampled labels under 'mt_label/<name>'.
+
+  Batch b's noise comes from (config.seed, b) alone, as in `generation_eval.make_sampler`.
+  """
+  from mmgen_jax import generation_eval  # pylint: disable=g-import-not-at-top
+  mods = modalities_lib.from_config(config.modalities)
+  images = [m.name for m in modalities_lib.images(mods)]
+  num_classes, b = int(config.data.num_classes), int(config.eval.gen.batch)
+  sharding = parallel.batch_sharding(mesh, config.sharding_rules)
+  conditional = not model.aux_classes  # a trunk trained with the class condition y
+  sample = jax.jit(lambda m, key, y: mt_elbo.sample(
+      m, key, mods=mods, cfg=config.objective, num=b, num_classes=num_classes, y=y,
+      num_steps=int(config.sample.num_steps)), out_shardings=sharding)
+  key = jax.random.fold_in(jax.random.key(int(config.seed), impl=config.train.rng_impl), 5)
+
+  def draw(index: int) -> dict[str, jax.Array]:
+    y = None
+    if conditional:
+      classes = generation_eval.sample_classes(index * b, b, num_classes)
+      y = jax.make_array_from_callback(classes.shape, sharding, lambda i: classes[i])
+    with jax.set_mesh(mesh):
+      out = sample(model, jax.random.fold_in(key, index), y)
+      return {**codec.decode({name: out[name] for name in images}),
+              **{f'{LABEL_KEY}/{name}': out[name] for name in model.aux_classes}}
+
+  return draw
+
+
+LABEL_KEY = 'mt_label'  # a joint sample's generated label, beside its features
+
+
+def evaluate_generation_mt(config: ml_collections.ConfigDict, workdir: str, model: Any,
+                           step: int, mesh: jax.sharding.Mesh, *,
+                           extractor: Any = None) -> dict[str, float]:
+  """Generation metrics of joint samples, keys 'eval/mt/gen/...' ({} if no network)."""
+  from mmgen_jax import generation_eval as ge  # pylint: disable=g-import-not-at-top
+  ge.check_sizes(config, mesh)
+  extractor = extractor or ge.make_extractor(config, workdir, mesh)
+  if not extractor.keys:
+    logging.warning('generation metrics (mt_elbo): no feature network available (%s).',
+                    extractor.skipped)
+    return {}
+  # The sampled labels travel with the features (the extractor reads the images only).
+  with_labels = dataclasses.replace(extractor, fn=lambda batch: {
+      **extractor.fn(batch), **{k: v for k, v in batch.items() if k.startswith(LABEL_KEY)}})
+  draw = make_joint_sampler(config, model, mesh, codec_lib.from_config(config, mesh))
+  generated = ge.generate_features(config, workdir, step, draw, with_labels)
+  reference = ge.load_reference(config, workdir, extractor, mesh)
+  scores = ge.score(generated, reference, config)
+  if model.aux_classes:  # no class was requested: class_acc would compare with i mod K
+    scores = {k: v for k, v in scores.items() if not k.startswith('eval/gen/class_acc/')}
+    for name in model.aux_classes:
+      sampled = generated[f'{LABEL_KEY}/{name}']
+      for k, v in generated.items():
+        if k.startswith(f'{ge.SCENES_CLASS}/'):
+          scores[f'eval/gen/label_agreement/{k.split("/", 1)[1]}'] = float(np.mean(v == sampled))
+  results = {'eval/gen/num_samples': float(len(generated['label'])),
+             'eval/gen/reference_num': float(reference.num_images),
+             'eval/gen/num_steps': float(config.sample.num_steps),
+             'eval/gen/rgb_out_of_range_frac': float(np.mean(generated['rgb_out_of_range'])),
+             **scores}
+  results = {'eval/mt/gen/' + k.removeprefix('eval/gen/'): v for k, v in results.items()}
+  logging.info('generation metrics (mt_elbo, reference %s): %s', reference.source,
+               {k: round(v, 4) for k, v in results.items()})
+  return results
 
 
 def evaluate_mt(config: ml_collections.ConfigDict, model: Any,
