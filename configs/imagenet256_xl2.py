@@ -32,9 +32,17 @@ the user builds from ImageNet-1k plus pseudo-labels, in MMGen's encodings
   repa_features   float32 (256, 768)     DINOv2-B/14 patch tokens of the 224 px
                                          centre crop (preprocess_dino.py)
 
-and splits `train` / `validation`. With a latent cache the codec is not run
-in the loop. Check the plan before paying for hardware (a v5p-32 slice is 16
-chips of 95 GB; 8×H100 is 8 devices of 80 GB):
+and splits `train` / `validation`. Build it from MMGen's dataset/ tree (its
+data/preprocess_{depth,normal,mask,dino}.py outputs beside rgb/{train,val}/<class>/;
+layout and checks in mmgen_jax/data/tfds_imagenet_mmgen.py; images whose
+pseudo-labels are missing or unreadable are left out and listed):
+
+  python -m mmgen_jax.data.tfds_imagenet_mmgen --manual_dir=dataset/ \
+      --data_dir=~/tensorflow_datasets --workers=8
+
+With a latent cache the codec is not run in the loop. Check the plan before
+paying for hardware (a v5p-32 slice is 16 chips of 95 GB; 8×H100 is 8 devices
+of 80 GB):
 
   python -m mmgen_jax.main --config=configs/imagenet256_xl2.py --mode=plan \
       --plan_devices=16 --plan_device_memory_gb=95
