@@ -59,8 +59,8 @@ from mmgen_jax import parallel
 from mmgen_jax.data import encodings
 from mmgen_jax.data import palettes
 from mmgen_jax.data import prompts
-from mmgen_jax.data import tfds_prompts  # registers the mmgen_prompts builder
 from mmgen_jax.data import tfds_imagenet_mmgen  # registers the imagenet2012_mmgen builder
+from mmgen_jax.data import tfds_prompts  # registers the mmgen_prompts builder
 from mmgen_jax.data import tfds_scenes  # also registers the mmgen_scenes builder
 
 Modality = modalities_lib.Modality
