@@ -362,21 +362,34 @@ def test_transformers_depth_loads_a_saved_model_and_returns_disparity(tmp_path):
                                backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 8, 8],
                                fusion_hidden_size=8, reassemble_factors=[4, 2, 1, 0.5],
                                head_in_index=-1)
-  transformers.DPTForDepthEstimation(cfg).save_pretrained(tmp_path)
-  transformers.DPTImageProcessor(size={'height': 32, 'width': 32}).save_pretrained(tmp_path)
-  expert = labelers.make_depth(f'transformers:{tmp_path}')
-  out = expert(_rgb_batch())
-  assert out.disparity.shape == (2, 32, 32) and np.isfinite(out.disparity).all()
-  assert out.affine_invariant and expert.provenance['expert'] == 'transformers:dpt'
-  assert len(expert.provenance['sha256']) == 64
+  transformers.DPTForDepthEstimation(cfg).save_pretrained(tmp_path / 'dpt')
+  transformers.DPTImageProcessor(size={'height': 32, 'width': 32}).save_pretrained(tmp_path / 'dpt')
+  backbone = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                       intermediate_size=37, image_size=28, patch_size=14,
+                                       out_features=['stage1', 'stage2', 'stage3', 'stage4'],
+                                       reshape_hidden_states=False)
+  transformers.DepthAnythingForDepthEstimation(transformers.DepthAnythingConfig(
+      backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
+      neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, head_hidden_size=8)
+  ).save_pretrained(tmp_path / 'da')
+  transformers.DPTImageProcessor(size={'height': 28, 'width': 28}).save_pretrained(tmp_path / 'da')
+  for name, kind in (('dpt', 'dpt'), ('da', 'depth_anything')):
+    expert = labelers.make_depth(f'transformers:{tmp_path / name}')
+    out = expert(_rgb_batch())
+    assert out.disparity.shape == (2, 32, 32) and np.isfinite(out.disparity).all()
+    assert out.affine_invariant and expert.provenance['expert'] == f'transformers:{kind}'
+    assert len(expert.provenance['sha256']) == 64
+  with pytest.raises(labelers.ExpertError, match='not a local directory'):
+    labelers.make_depth(f'transformers:{tmp_path / "absent"}')
 
 
 @needs_torch
 def test_sam_masks_are_painted(tmp_path):
+  pytest.importorskip('torchvision', reason="transformers' mask generation needs torchvision")
   import transformers  # pylint: disable=g-import-not-at-top
   vision = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, output_channels=8,
                 image_size=64, patch_size=16, mlp_dim=32, global_attn_indexes=[1],
-                window_size=2)
+                window_size=2, num_pos_feats=4)
   cfg = transformers.SamConfig(vision_config=vision,
                                prompt_encoder_config=dict(hidden_size=8, image_size=64,
                                                           patch_size=16, mask_input_channels=4),
@@ -390,3 +403,42 @@ def test_sam_masks_are_painted(tmp_path):
   segs = expert(_rgb_batch())
   assert len(segs) == 2 and segs[0].ids.shape == (32, 32)
   assert 0 <= segs[0].ids.min() and segs[0].ids.max() < labelers.MAX_SEGMENTS
+
+
+def _tiny_marigold(path):
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  unet = diffusers.UNet2DConditionModel(
+      sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+      down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+      up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'), cross_attention_dim=8,
+      norm_num_groups=4, attention_head_dim=2)
+  vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                                block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                                down_block_types=('DownEncoderBlock2D',) * 2,
+                                up_block_types=('UpDecoderBlock2D',) * 2)
+  scheduler = diffusers.DDIMScheduler(prediction_type='v_prediction', timestep_spacing='trailing')
+  text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+      vocab_size=1000, projection_dim=8))
+  os.makedirs(path / 'tok')
+  (path / 'tok' / 'vocab.json').write_text(json.dumps({'<|startoftext|>': 0, '<|endoftext|>': 1}))
+  (path / 'tok' / 'merges.txt').write_text('#version: 0.2\n')
+  tokenizer = transformers.CLIPTokenizer(str(path / 'tok' / 'vocab.json'),
+                                         str(path / 'tok' / 'merges.txt'), model_max_length=77)
+  diffusers.MarigoldNormalsPipeline(
+      unet=unet, vae=vae, scheduler=scheduler, text_encoder=text, tokenizer=tokenizer,
+      default_denoising_steps=2, default_processing_resolution=32).save_pretrained(path / 'pipe')
+  return path / 'pipe'
+
+
+@needs_diffusers
+def test_marigold_normals_are_unit_opencv_vectors_seeded_per_image(tmp_path):
+  expert = labelers.make_normals(f'marigold:{_tiny_marigold(tmp_path)}', num_inference_steps=2)
+  batch = _rgb_batch()
+  n = expert(batch)
+  assert n.shape == (2, 32, 32, 3)
+  np.testing.assert_allclose(np.linalg.norm(n, axis=-1), 1.0, atol=1e-5)
+  alone = expert(labelers.Batch(images=batch.images[1:], index=batch.index[1:]))
+  np.testing.assert_allclose(alone[0], n[1], atol=1e-4)  # its noise is its own, in any batch
+  assert expert.provenance['expert'] == 'marigold_normals'
