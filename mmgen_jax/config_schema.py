@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.latent_cache = ''
   c.data.latent_cache_dtype = 'float32'  # moments as written: 'float32' | 'float16'
   c.data.repa_encoder = ''            # latent_cache's registered REPA encoder ('' = the records')
+  c.data.repa_encoder_weights = ''    # its weights, if it has any (dinov2: a transformers dir)
   c.data.augment = ml_collections.ConfigDict()
   c.data.augment.hflip = True
   c.data.augment.crop_min_scale = 1.0  # < 1 enables random crop + resize back

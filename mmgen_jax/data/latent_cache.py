@@ -203,6 +203,25 @@ def _pooled_rgb_test(config: ml_collections.ConfigDict) -> RepaEncoder:
   return encode
 
 
+@register_repa_encoder('dinov2')
+def _dinov2(config: ml_collections.ConfigDict) -> RepaEncoder:
+  """DINOv2 read from the transformers directory config.data.repa_encoder_weights: its
+  normalised patch tokens of the first image modality (models/dinov2.py)."""
+  from mmgen_jax.models import dinov2  # pylint: disable=g-import-not-at-top
+  path = config.data.repa_encoder_weights
+  if not path:
+    raise FileNotFoundError("config.data.repa_encoder='dinov2' needs config.data."
+                            'repa_encoder_weights: a local transformers Dinov2Model directory '
+                            '(e.g. facebook/dinov2-base: config.json + model.safetensors).')
+  model = dinov2.load_transformers_dir(path)
+  if model.cfg.hidden_size != int(config.model.repa_z_dim):
+    raise ValueError(f'{path}: DINOv2 tokens of width {model.cfg.hidden_size}; '
+                     f'config.model.repa_z_dim is {config.model.repa_z_dim}.')
+  encode = dinov2.repa_encoder(model, token_grid(config))
+  first = modalities_lib.images(modalities_lib.from_config(config.modalities))[0]
+  return lambda images: encode(images[first.name])
+
+
 # ---- identity: what the cache's contents depend on -----------------------------------------
 
 
@@ -252,6 +271,24 @@ def dataset_version(config: ml_collections.ConfigDict) -> str:
         f'cache records: {e}') from None
 
 
+def repa_fingerprint(config: ml_collections.ConfigDict) -> str:
+  """SHA-256 over config.data.repa_encoder_weights (a directory's config and weight files,
+  or one file); '' when the encoder has none."""
+  path = os.fspath(config.data.get('repa_encoder_weights') or '')
+  if not path:
+    return ''
+  if os.path.isdir(path):
+    paths = sorted(p for p in glob.glob(os.path.join(path, '*'))
+                   if p.endswith(('.json', '.safetensors', '.bin')))
+  elif os.path.isfile(path):
+    paths = [path]
+  else:
+    raise FileNotFoundError(f'config.data.repa_encoder_weights={path!r} is neither a directory '
+                            'nor a file.')
+  stamps = tuple((os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
+  return _sha256_files(tuple(paths), stamps)
+
+
 def identity(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
   """Everything the cached values depend on (not loss weights, batch size, paths)."""
   d = config.data
@@ -270,6 +307,7 @@ def identity(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
                 'precision': str(config.codec.precision)},
       'dtype': d.latent_cache_dtype,
       'repa_encoder': d.repa_encoder,
+      'repa_encoder_sha256': repa_fingerprint(config),
   }
 
 
