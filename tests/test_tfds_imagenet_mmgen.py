@@ -109,7 +109,7 @@ def test_images_with_missing_or_unreadable_labels_are_left_out_and_named(tree, b
     tim.build(str(tree), str(tmp_path), CONFIG, strict=True)
 
 
-def test_the_pipeline_reads_a_batch_with_the_imagenet_encodings(tree, built):
+def test_the_pipeline_reads_a_batch_with_the_imagenet_encodings(tree, built, tmp_path):
   spec = importlib.util.spec_from_file_location(
       'imagenet256_xl2', os.path.join(REPO, 'configs', 'imagenet256_xl2.py'))
   module = importlib.util.module_from_spec(spec)
@@ -128,6 +128,10 @@ def test_the_pipeline_reads_a_batch_with_the_imagenet_encodings(tree, built):
   for k in ('rgb', 'depth', 'normal', 'segmentation'):
     assert batch[k].min() >= -1 and batch[k].max() <= 1, k
   assert batch['valid'].all()
+  config.data.data_dir = str(tmp_path)  # not built there: the error says how to build it
+  with pytest.raises(FileNotFoundError,
+                     match=r'python -m mmgen_jax.data.tfds_imagenet_mmgen --manual_dir='):
+    pipeline.make_source(config, 'train')
 
 
 def test_config_names():

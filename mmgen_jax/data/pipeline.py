@@ -165,9 +165,11 @@ def make_source(config: Any, split: str) -> Sequence[Mapping[str, Any]]:
   name = f'{d.name}/{d.builder_config}'
   builder = make_builder(config)
   if not builder.is_prepared():
+    cli = ('mmgen_jax.data.tfds_imagenet_mmgen --manual_dir=<MMGen dataset/ tree>'
+           if d.name == tfds_imagenet_mmgen.NAME else 'mmgen_jax.data.build')
     raise FileNotFoundError(
         f'dataset {name} is not built under {builder.data_dir_root}; build it with '
-        f'`python -m mmgen_jax.data.build --config={d.builder_config}'
+        f'`python -m {cli} --config={builder.builder_config.name}'
         f'{" --data_dir=" + d.data_dir if d.data_dir else ""}` (config.data.name / '
         'builder_config / data_dir).')
   if split not in builder.info.splits:
