@@ -35,6 +35,17 @@ def test_last_hidden_state_matches_transformers(model, case):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('antialias', [False, True])
+def test_the_position_table_resize_is_pytorchs_bicubic(antialias):
+  """transformers' resize (no antialias) and timm's, which MMGen's tokens used (antialias)."""
+  vectors = load_file(os.path.join(DATA, 'dinov2_pos_resize.safetensors'))
+  for case, (n_in, n_out) in {'down': (37, 16), 'up': (4, 6)}.items():
+    m = dinov2.bicubic_matrix(n_in, n_out, antialias)
+    got = np.einsum('yi,xj,ijd->yxd', m, m, vectors[f'{case}/table'])
+    np.testing.assert_allclose(got, vectors[f'{case}/antialias_{int(antialias)}'], atol=2e-6,
+                               err_msg=case)
+
+
 def test_weights_in_either_naming_and_mismatches_named(model):
   import json  # pylint: disable=g-import-not-at-top
   with open(os.path.join(TINY, 'config.json')) as f:
@@ -63,8 +74,11 @@ def test_the_registered_repa_encoder_gives_the_patch_tokens(model):
   rgb = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   tokens = np.asarray(encode({'rgb': rgb}))
   assert tokens.shape == (2, 64, 32)
-  # 32 px = 8 patches of 4: no resize, so the tokens are the model's on the normalised image.
+  # 32 px = 8 patches of 4: no image resize, so the tokens are those of the model (its
+  # 4×4 position table resized as MMGen's was) on the normalised image.
   pixels = ((rgb + 1) / 2 - np.float32(dinov2.IMAGENET_MEAN)) / np.float32(dinov2.IMAGENET_STD)
-  np.testing.assert_allclose(tokens, np.asarray(_forward(model, pixels))[:, 1:], rtol=1e-5,
+  mmgen_like = dinov2.load_transformers_dir(TINY, antialias_positions=True)
+  np.testing.assert_allclose(tokens, np.asarray(_forward(mmgen_like, pixels))[:, 1:], rtol=1e-5,
                              atol=1e-5)
+  assert np.abs(tokens - np.asarray(_forward(model, pixels))[:, 1:]).max() > 1e-3
   assert len(latent_cache.repa_fingerprint(c)) == 64

@@ -213,7 +213,7 @@ def _dinov2(config: ml_collections.ConfigDict) -> RepaEncoder:
     raise FileNotFoundError("config.data.repa_encoder='dinov2' needs config.data."
                             'repa_encoder_weights: a local transformers Dinov2Model directory '
                             '(e.g. facebook/dinov2-base: config.json + model.safetensors).')
-  model = dinov2.load_transformers_dir(path)
+  model = dinov2.load_transformers_dir(path, antialias_positions=True)  # as MMGen's tokens
   if model.cfg.hidden_size != int(config.model.repa_z_dim):
     raise ValueError(f'{path}: DINOv2 tokens of width {model.cfg.hidden_size}; '
                      f'config.model.repa_z_dim is {config.model.repa_z_dim}.')

@@ -19,16 +19,19 @@ key is named. The SwiGLU blocks of dinov2-giant are not supported (refused).
 Position embeddings: when the patch grid differs from the table's, the table is
 resized as transformers does (PyTorch `interpolate(mode='bicubic',
 align_corners=False)`, no antialiasing: cubic convolution with a = −0.75,
-half-pixel centres, edges repeated), in float32. MMGen's tokens come from the
-torch.hub model whose 37×37 table timm resampled to 16×16 with antialiasing, so
-at 224 px they differ slightly from these (the weights are the same).
+half-pixel centres, edges repeated), in float32; or, with
+`antialias_positions=True`, as MMGen's data/preprocess_dino.py resized the
+torch.hub model's 37×37 table to 16×16 (timm's `resample_abs_pos_embed`: PyTorch
+bicubic with antialias, a = −0.5, the kernel widened by the shrink factor and
+its weights renormalised at the edges).
 
 As a REPA encoder (`config.data.repa_encoder='dinov2'`, weights in
 `config.data.repa_encoder_weights`; data/latent_cache.py): images in [-1, 1] at
 the data resolution are resized (bicubic, antialiased) to patch_size × the
 model's token grid (224 px for 16×16 tokens of patch 14; MMGen centre-crops the
 original image to 224 px instead), ImageNet-normalised, and their patch tokens
-returned (B, T, hidden_size).
+returned (B, T, hidden_size); the position table is resized as MMGen's was
+(`antialias_positions=True`).
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ WEIGHTS_NAME = 'model.safetensors'
 WEIGHTS_INDEX_NAME = 'model.safetensors.index.json'
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_BICUBIC_A = -0.75  # PyTorch's cubic convolution coefficient (PIL and JAX use -0.5)
+_BICUBIC_A = -0.75  # PyTorch's cubic convolution coefficient without antialiasing
+_BICUBIC_A_ANTIALIAS = -0.5  # ... and with it (as PIL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,19 +83,35 @@ class Dinov2Config:
     return cls(**{k: v for k, v in config.items() if k in names})
 
 
-def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) weights of PyTorch's 1-d bicubic resize (align_corners=False, no antialias)."""
-  def cubic(t):  # Keys' cubic convolution kernel, a = -0.75
-    t = np.abs(t)
-    a = _BICUBIC_A
-    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+def _cubic(t: np.ndarray, a: float) -> np.ndarray:
+  """Keys' cubic convolution kernel."""
+  t = np.abs(t)
+  return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                  np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+
+
+def bicubic_matrix(n_in: int, n_out: int, antialias: bool = False) -> np.ndarray:
+  """(n_out, n_in) weights of PyTorch's 1-d bicubic resize (align_corners=False).
+
+  antialias=False: a = -0.75 on the 4 nearest samples, edges repeated.
+  antialias=True: a = -0.5, the kernel's support widened by the shrink factor n_in / n_out
+  when shrinking, the weights of the samples inside the input normalised to sum 1.
+  """
   m = np.zeros((n_out, n_in), np.float64)
+  scale = n_in / n_out
   for i in range(n_out):
-    src = (i + 0.5) * n_in / n_out - 0.5
-    x0 = int(np.floor(src))
-    for k in range(x0 - 1, x0 + 3):
-      m[i, min(max(k, 0), n_in - 1)] += cubic(src - k)  # edges repeated
+    if antialias:
+      width = max(scale, 1.0)
+      centre = (i + 0.5) * scale
+      lo = max(int(centre - 2.0 * width + 0.5), 0)
+      hi = min(int(centre + 2.0 * width + 0.5), n_in)
+      w = _cubic((np.arange(lo, hi) - centre + 0.5) / width, _BICUBIC_A_ANTIALIAS)
+      m[i, lo:hi] = w / w.sum()
+    else:
+      src = (i + 0.5) * scale - 0.5
+      x0 = int(np.floor(src))
+      for k in range(x0 - 1, x0 + 3):
+        m[i, min(max(k, 0), n_in - 1)] += _cubic(np.float64(src - k), _BICUBIC_A)
   return m
 
 
@@ -150,10 +170,12 @@ class Block(nnx.Module):
 class Dinov2(nnx.Module):
   """NHWC ImageNet-normalised pixels -> last_hidden_state (B, 1 + T, hidden_size)."""
 
-  def __init__(self, cfg: Dinov2Config, rngs: nnx.Rngs | None = None):
+  def __init__(self, cfg: Dinov2Config, rngs: nnx.Rngs | None = None, *,
+               antialias_positions: bool = False):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     d, p = cfg.hidden_size, cfg.patch_size
     self.cfg = cfg
+    self.antialias_positions = antialias_positions  # module docstring
     self.grid = cfg.image_size // p  # the position table's side
     self.patch_kernel = nnx.Param(
         nnx.initializers.lecun_normal()(rngs.params(), (p, p, cfg.num_channels, d)))
@@ -170,8 +192,8 @@ class Dinov2(nnx.Module):
     if gh == gw == self.grid:
       return table
     patches = table[0, 1:].reshape(self.grid, self.grid, -1).astype(jnp.float32)
-    mh = jnp.asarray(bicubic_matrix(self.grid, gh), jnp.float32)
-    mw = jnp.asarray(bicubic_matrix(self.grid, gw), jnp.float32)
+    mh = jnp.asarray(bicubic_matrix(self.grid, gh, self.antialias_positions), jnp.float32)
+    mw = jnp.asarray(bicubic_matrix(self.grid, gw, self.antialias_positions), jnp.float32)
     resized = jnp.einsum('yi,xj,ijd->yxd', mh, mw, patches, precision=jax.lax.Precision.HIGHEST)
     return jnp.concatenate([table[:, :1], resized.reshape(1, gh * gw, -1).astype(table.dtype)], 1)
 
@@ -239,10 +261,12 @@ def _targets(model: Dinov2) -> dict[str, tuple[nnx.Param, Any]]:
   return out
 
 
-def from_transformers(state_dict: Mapping[str, Any], config: Mapping[str, Any]) -> Dinov2:
+def from_transformers(state_dict: Mapping[str, Any], config: Mapping[str, Any], *,
+                      antialias_positions: bool = False) -> Dinov2:
   """A transformers Dinov2Model state dict (numpy values) and config dict -> Dinov2."""
   cfg = Dinov2Config.from_transformers(config)
-  model = nnx.eval_shape(lambda: Dinov2(cfg))  # shapes only: every value is read below
+  # Shapes only: every value is read below.
+  model = nnx.eval_shape(lambda: Dinov2(cfg, antialias_positions=antialias_positions))
   weights = _hub_names(state_dict)
   targets = _targets(model)
   missing = sorted(set(targets) - set(weights))
@@ -260,7 +284,8 @@ def from_transformers(state_dict: Mapping[str, Any], config: Mapping[str, Any]) 
   return model
 
 
-def load_transformers_dir(path: str | os.PathLike) -> Dinov2:
+def load_transformers_dir(path: str | os.PathLike, *, antialias_positions: bool = False
+                          ) -> Dinov2:
   """Reads a local transformers Dinov2Model directory (config.json + safetensors, no torch)."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
@@ -282,7 +307,7 @@ def load_transformers_dir(path: str | os.PathLike) -> Dinov2:
   else:
     raise FileNotFoundError(f'{path} holds no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}); '
                             'save the model with safe_serialization=True.')
-  return from_transformers(weights, config)
+  return from_transformers(weights, config, antialias_positions=antialias_positions)
 
 
 # ---- the REPA encoder ------------------------------------------------------------------------
