@@ -525,8 +525,8 @@ def test_a_generated_label_is_not_readable_from_the_chain():
 class GaussOracle(nnx.Module):
   """The exact posterior-mean denoiser of z_0 ~ N(mu, s^2 I) under a known shift E."""
 
-  def __init__(self, T, w_max, mu, s, depth):
-    self.T, self.s = T, s
+  def __init__(self, T, w_max, mu, s, depth, prediction='eps'):
+    self.T, self.s, self.prediction = T, s, prediction
     self.ab = np.asarray(paths.vp_alpha_bar_discrete('cosine', T), np.float32)
     self.lam = _lam(T, w_max).astype(np.float32)
     self.mu, self.depth = nnx.Variable(mu), nnx.Variable(depth)
@@ -541,8 +541,11 @@ class GaussOracle(nnx.Module):
     gain = jnp.sqrt(ab) * self.s ** 2 / (ab * self.s ** 2 + 1 - ab)
     z0_hat = self.mu[...] + gain * (zeta - jnp.sqrt(ab) * self.mu[...])
     eps = (zeta - jnp.sqrt(ab) * z0_hat) / jnp.sqrt(1 - ab)
+    # x0 and v are those of the shifted chain zeta (docs §8); the sampler converts with
+    # its own estimate of lambda_t E, so they catch a wrong lambda where eps cannot.
+    pred = {'eps': eps, 'x0': z0_hat, 'v': jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * z0_hat}
     n = x.shape[0]
-    return Out(images=(eps, jnp.broadcast_to(self.depth[...], (n, *HW, 1))))
+    return Out(images=(pred[self.prediction], jnp.broadcast_to(self.depth[...], (n, *HW, 1))))
 
 
 def _expected_output(ab, lam_T, E, mu, s, ts):
@@ -559,14 +562,16 @@ def _expected_output(ab, lam_T, E, mu, s, ts):
   return m, v
 
 
-@pytest.mark.parametrize('observe_depth,num_steps', [(True, None), (False, None), (True, 7)])
-def test_sampler_output_distribution_on_gaussian_data(observe_depth, num_steps):
+@pytest.mark.parametrize('observe_depth,num_steps,prediction', [
+    (True, None, 'eps'), (False, None, 'eps'), (True, 7, 'eps'), (True, None, 'v'),
+    (False, 7, 'x0')])
+def test_sampler_output_distribution_on_gaussian_data(observe_depth, num_steps, prediction):
   mods = _mods('rgb', 'depth')
   T, w_max, s, num = 20, 2.0, 0.5, 512
-  cfg = _cfg(w_max=w_max, num_timesteps=T)
+  cfg = _cfg(w_max=w_max, num_timesteps=T, prediction=prediction)
   data = _batch(mods, n=1, seed=6)
   mu, depth = np.asarray(data['rgb']), data['depth']
-  oracle = GaussOracle(T, w_max, jnp.asarray(mu), s, depth)
+  oracle = GaussOracle(T, w_max, jnp.asarray(mu), s, depth, prediction)
   model = mt_encoders.MTDiffusion(oracle, mods=mods, primary='rgb', spatial=HW, rngs=nnx.Rngs(0))
   E = model.encode('depth', depth)
   oracle.E[...] = E
