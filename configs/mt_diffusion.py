@@ -16,16 +16,22 @@ Variants (`--config=configs/mt_diffusion.py:<variant>`):
   masked       RGB and a masked copy of it (random boxes, the mask as an extra
                input channel, the decoder predicting the whole image):
                masked-image training, i.e. inpainting when the masked copy
-               [image, mask] is observed (the known pixels are kept)
+               [image, mask] is observed (the known pixels are kept;
+               mt_elbo.inpaint). With --config.codec.name=sd_vae the boxes are
+               cut in pixels and the blanked image is encoded by the VAE
   transition   RGB and depth, each observed half the time: image transition
                depth -> RGB (depth observed) and RGB -> depth (RGB given and
                held, depth decoded)
 
 A generated label is decoded from the image and kept out of the forward
-process (docs/mt_elbo.md §7a); the trunk is told each auxiliary's state
-(absent / generated / observed) by a zero-initialised task embedding, so
-model.use_task_embedding does not apply. `--mode=evaluate` scores RGB -> X
-and the label head under eval/mt/ (mmgen_jax/mt_eval.py).
+process, its cross-entropy taken in a second trunk pass at
+t <= objective.label_t_max T, where the image is readable (docs/mt_elbo.md
+§7a); the trunk is told each auxiliary's state (absent / generated /
+observed) by a zero-initialised task embedding, so model.use_task_embedding
+does not apply. `--mode=evaluate` scores RGB -> X and the label head under
+eval/mt/ (mmgen_jax/mt_eval.py); `--config.eval.gen.num_samples=256` adds the
+scenes FD of joint samples and the label agreement under eval/mt/gen/ (the
+scenes feature network trains for a few minutes on first use).
 """
 
 import ml_collections
@@ -93,4 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.sample.num_steps = 100
   c.sample.num_images = 8
+  c.eval.gen.num_samples = 0      # joint samples' scenes FD off by default (see above)
+  c.eval.gen.features = 'scenes'
+  c.eval.gen.batch = 32
+  c.eval.gen.shard_size = 64
   return c

@@ -23,8 +23,12 @@ E are in docs/mt_elbo.md.
 Each auxiliary modality of a sample is in one of three states during training:
 absent (E_i zeroed in the forward process), generated (decoded by its head; an
 image is in the forward process, a label is not, so its head classifies the
-image rather than reading the shift) or observed (in the forward process and
-fed to the trunk as a condition). The trunk is told the states (task ids).
+image rather than reading the shift; its cross-entropy is taken in a second
+pass at t <= label_t_max T, where the image is readable) or observed (in the
+forward process and fed to the trunk as a condition). The trunk is told the
+states (task ids). Masked-image training through a latent codec cuts its
+boxes in pixels before the VAE (make_pixel_masker); inpaint() keeps the
+known pixels.
 
 Inference from a given primary (RGB -> depth, classify) holds it at a small
 time instead of sampling the chain (infer_from_primary, classify).
