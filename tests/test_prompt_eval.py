@@ -136,10 +136,10 @@ def test_three_objects_chain_and_image_entities():
 
 def test_identical_entities_are_matched_by_the_stated_order():
   red = prompts.COLOURS.index('red')
-  words = 'a little red cone left of a red cone'.split()
+  words = 'a little red cone right of a red cone'.split()
   rec = _record(words, {0: (0, 4), 1: (6, 9)}, [3, 3], [red, red], np.zeros((12, 12)))
-  s = _score(rec, [(CONE, RED, 1), (CONE, RED, 7)])
-  assert s.relation == [True]
+  s = _score(rec, [(CONE, RED, 1), (CONE, RED, 7)])   # entity 0 is the object on the right
+  assert s.relation == [True] and s.text_alignment == 1.0
 
 
 # ---- ground-truth renders -------------------------------------------------------------------
