@@ -80,6 +80,7 @@ OBJECT_CLASSES: tuple[int, ...] = tuple(scenes.SEMANTIC_CLASSES.index(s)
 # 32 px renders (seeds 1e9 .. 1e9+299) neighbours within one object differ by at most 0.007
 # (99.9th percentile), touching objects of one class by at least 0.054 (1st percentile).
 DEFAULT_COLOUR_EDGE = 0.03
+VALIDATION_SEEDS = 1_000_000_000   # the scenes datasets' first validation seed
 Record = Mapping[str, np.ndarray]
 # (rgb (N, H, W, 3) uint8 or [-1, 1], image index (M,), masks (M, H, W)) ->
 # (shape ids (M,), colour ids (M,)) into prompts.SHAPES / prompts.COLOURS (-1: none).
@@ -587,3 +588,149 @@ def ground_truth_ceiling(records: Record, classify: Classify | None = None,
   classify = oracle_classifier(records) if classify is None else classify
   return aggregate(score_images(records['rgb'], records['segmentation'], records, classify,
                                 min_area=min_area))
+
+
+# ---- the whole evaluation of a model -------------------------------------------------------------
+
+
+def _image_modality(mods, encoding: str, what: str):
+  found = [m for m in mods if m.encoding == encoding]
+  if not found:
+    raise ValueError(f'prompt evaluation needs a generated {what} (a modality with encoding '
+                     f'{encoding!r}); the config has {[(m.name, m.encoding) for m in mods]}.')
+  return found[0]
+
+
+def make_prompt_sampler(config: Any, model: Any, mesh: Any, codec: Any, batch: int
+                        ) -> Callable[[int, Record], dict[str, Any]]:
+  """(batch index, `batch` prompt records) -> {image modality: (batch, H, W, C) decoded pixels,
+  global arrays}. The noise of batch b comes from (config.seed, b) alone, so every prompt
+  variant of a batch starts from the same noise (paired comparisons)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import modalities as modalities_lib  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.models import prompt_encoder as prompt_lib  # pylint: disable=g-import-not-at-top
+  mods = modalities_lib.from_config(config.modalities)
+  sharding = parallel.batch_sharding(mesh, config.sharding_rules)
+  settings = {**samplers.settings_from_config(config), 'cfg_scale': 1.0,  # a prompt, no label
+              **samplers.prompt_settings_from_config(config)}
+  shape = codec.model_shape(batch, int(config.data.resolution))
+  sample = jax.jit(lambda m, key, prompt: samplers.sample(
+      m, key, mods=mods, shape=shape, channels=codec.model_channels(), y=None,
+      num_classes=int(config.data.num_classes), prompt=prompt, **settings),
+                   out_shardings=sharding)
+  key = jax.random.fold_in(jax.random.key(int(config.seed), impl=config.train.rng_impl), 11)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+  def draw(index: int, records: Record) -> dict[str, Any]:
+    prompt = prompt_lib.Prompt(tokens=put(records['prompt_tokens']),
+                               mask=put(records['prompt_mask']),
+                               entity=put(records['prompt_entity']),
+                               entity_images=put(records['entity_images']))
+    with jax.set_mesh(mesh):
+      return codec.decode(sample(model, jax.random.fold_in(key, index), prompt))
+
+  return draw
+
+
+def evaluate_model(config: Any, workdir: str | None, classifier: str | Classify, *,
+                   num_prompts: int = 200, batch: int | None = None, kind: int = 1,
+                   variants: Sequence[str] = tuple(VARIANTS), scenes_fd: bool = True,
+                   model: Any = None, mesh: Any = None, extractor: Any = None,
+                   first_seed: int = VALIDATION_SEEDS,
+                   draw: Callable[[int, Record], Mapping[str, Any]] | None = None
+                   ) -> dict[str, float]:
+  """The prompt evaluation of a checkpoint: {metric: value}, keys eval/prompt/...
+
+  Prompts: those of scenes first_seed ... + num_prompts − 1 (default the validation
+  seeds, never trained on), of `kind` (1: imaged entities shown by their image alone),
+  at config.data.resolution with config.prompt's L, R, S; each variant of `variants`
+  (VARIANTS) sampled with the same noise, `batch` prompts at a time (default
+  config.eval.gen.batch), with config.sample's sampler and prompt guidance. Per variant:
+  entity accuracy and text alignment overall and by number of entities
+  (`eval/prompt/<variant>/...`, see `aggregate`), scored against the ORIGINAL prompt's
+  entities; with scenes_fd, the scenes Fréchet distance of each generated image
+  modality against the real images of config.eval.gen.reference_split
+  (`eval/prompt/<variant>/scenes_fd/<modality>`, generation_eval's feature networks
+  and reference cache; the network of config.eval.gen.scenes_features, trained on first
+  use). The model is restored from `workdir` (evaluate.restore_for_inference) unless
+  given; `classifier` is an attribute_classifier directory or a Classify function;
+  `draw` replaces the sampler (make_prompt_sampler's signature; records carry 'seed').
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import codec as codec_lib  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import generation_eval as ge  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import modalities as modalities_lib  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.data import palettes  # pylint: disable=g-import-not-at-top
+
+  if not config.prompt.name:
+    raise ValueError('prompt evaluation needs a model with a prompt encoder: config.prompt.name '
+                     "is '' (see configs/unimo_scenes32.py).")
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown or not variants:
+    raise ValueError(f'variants={list(variants)}: choose from {list(VARIANTS)}.')
+  if model is None and draw is None:
+    from mmgen_jax import evaluate  # pylint: disable=g-import-not-at-top
+    model, step, mesh = evaluate.restore_for_inference(config, workdir)
+  else:
+    step = 0
+  batch = int(batch or config.eval.gen.batch)
+  classify, classifier_meta = ((classifier, {}) if callable(classifier)
+                               else load_classifier(str(classifier)))
+  images = modalities_lib.images(modalities_lib.from_config(config.modalities))
+  rgb_m = _image_modality(images, 'rgb', 'RGB image')
+  seg_m = _image_modality(images, 'segmentation', 'segmentation')
+  resolution = int(config.data.resolution)
+  records = scene_records(range(first_seed, first_seed + num_prompts), resolution, kind=kind,
+                          max_tokens=int(config.prompt.max_tokens),
+                          entity_tokens=int(config.prompt.entity_tokens),
+                          entity_size=int(config.prompt.entity_size))
+  if draw is None:
+    spec = parallel.batch_sharding(mesh, config.sharding_rules).spec
+    axes = spec[0] if len(spec) else None
+    ways = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+    if batch < 1 or batch % ways:
+      raise ValueError(f'prompt evaluation batch={batch} must be a positive multiple of the '
+                       f'{ways} ways the batch is split over the mesh.')
+    draw = make_prompt_sampler(config, model, mesh, codec_lib.from_config(config, mesh), batch)
+  if scenes_fd and extractor is None:
+    extractor = ge.make_extractor(config, workdir or '', mesh)
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  results: dict[str, float] = {'eval/prompt/step': float(step),
+                               'eval/prompt/num_prompts': float(num_prompts),
+                               'eval/prompt/kind': float(kind)}
+  for name, value in classifier_meta.get('held_out', {}).items():
+    results[f'eval/prompt/classifier/{name}'] = float(value)
+  reference = None
+  for variant in variants:
+    texts = variant_batch(records, variant)
+    rgb, seg, feats = [], [], {}
+    for b, first in enumerate(range(0, num_prompts, batch)):
+      idx = np.arange(first, first + batch) % num_prompts   # the last batch wraps around
+      out = draw(b, {k: v[idx] for k, v in texts.items()})   # texts hold 'seed' too
+      keep = slice(0, min(batch, num_prompts - first))
+      rgb.append(gather(ge.to_data_format(out[rgb_m.name], rgb_m))[keep])
+      seg.append(palettes.ids_from_colors(gather(out[seg_m.name]), seg_m.palette)[keep])
+      if scenes_fd and extractor is not None and extractor.keys:
+        for k, v in extractor.fn({m.name: out[m.name] for m in images}).items():
+          if k.startswith('scenes/'):
+            feats.setdefault(k, []).append(gather(v)[keep])
+    scores = score_images(np.concatenate(rgb), np.concatenate(seg), records, classify,
+                          texts={k: v for k, v in texts.items() if k != 'seed'})
+    results.update(aggregate(scores, prefix=f'eval/prompt/{variant}/'))
+    if feats:
+      if reference is None:
+        reference = ge.load_reference(config, workdir or '', extractor, mesh)
+      for k, parts in feats.items():
+        results[f'eval/prompt/{variant}/scenes_fd/{k.split("/", 1)[1]}'] = (
+            metrics_lib.frechet_distance(*metrics_lib.feature_statistics(np.concatenate(parts)),
+                                         *reference.stats[k]))
+  return results
