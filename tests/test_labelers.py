@@ -216,6 +216,38 @@ def test_two_processes_split_the_shards_and_the_last_writes_the_metadata(scenes_
     _assert_same(a, b)
 
 
+def _mmgen_config(name, data_dir, num_classes, variant=None):
+  """tiny_cpu with MMGen's record conventions (configs/imagenet256_xl2.py's modalities) reading
+  a labelled dataset: the config change the labelled data needs."""
+  from configs import tiny_cpu  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import modalities  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = tiny_cpu.get_config(variant)
+  config.modalities = ml_collections.ConfigDict(dict(
+      rgb=modalities.spec(0, 'rgb', 1.0, field='image'),
+      depth=modalities.spec(1, 'disparity_minmax', 0.2),
+      normal=modalities.spec(2, 'stablenormal_rgb', 0.1),
+      segmentation=modalities.spec(3, 'random_colors', 0.1, color_seed=0)))
+  config.data.name, config.data.builder_config, config.data.data_dir = name, '', str(data_dir)
+  config.data.num_classes, config.data.global_batch_size = num_classes, 8
+  return config
+
+
+def test_the_latent_cache_encodes_the_labelled_records(scenes_labelled, tmp_path):
+  from mmgen_jax.data import latent_cache  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.models import autoencoder  # pylint: disable=g-import-not-at-top
+  from tests.test_latent_cache import TINY_VAE  # pylint: disable=g-import-not-at-top
+  out, _ = scenes_labelled
+  vae = tmp_path / 'vae'
+  autoencoder.save_diffusers_dir(autoencoder.create(TINY_VAE, seed=3), vae)
+  config = _mmgen_config('scenes_labelled', out, len(scenes.SCENE_CLASSES), 'latent')
+  config.codec.weights = str(vae)
+  manifest = latent_cache.build(config, str(tmp_path / 'cache'), shard_size=10)
+  assert manifest['num_records'] == 24
+  assert sorted(manifest['fields']) == ['depth_moments', 'index', 'label', 'normal_moments',
+                                        'rgb_moments', 'segmentation_moments']
+
+
 # ---- inputs ------------------------------------------------------------------------------------
 
 
@@ -315,18 +347,9 @@ def test_the_command_labels_photographs_and_training_reads_them(tmp_path):
   assert 'images/s' in proc.stderr and 'ETA' in proc.stderr
 
   # Read by the pipeline with a config change only: MMGen's encodings, field 'image'.
-  from configs import tiny_cpu  # pylint: disable=g-import-not-at-top
-  from mmgen_jax import modalities, train  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import train  # pylint: disable=g-import-not-at-top
   from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  config = tiny_cpu.get_config()
-  config.modalities = ml_collections.ConfigDict(dict(
-      rgb=modalities.spec(0, 'rgb', 1.0, field='image'),
-      depth=modalities.spec(1, 'disparity_minmax', 0.2),
-      normal=modalities.spec(2, 'stablenormal_rgb', 0.1),
-      segmentation=modalities.spec(3, 'random_colors', 0.1, color_seed=0)))
-  config.data.name, config.data.builder_config, config.data.data_dir = 'photos_mmgen', '', str(out)
-  config.data.num_classes, config.data.global_batch_size = 2, 8
+  config = _mmgen_config('photos_mmgen', out, 2)
   config.data.eval_split = 'train'  # one split was labelled
   for k, v in MODEL_OVERRIDES.items():
     section, leaf = k.split('.')
