@@ -183,7 +183,8 @@ def make_sample_fn(config: ml_collections.ConfigDict, codec_on: Callable | None 
     y = None if modalities_lib.classes(mods) else np.arange(n, dtype=np.int32) % num_classes
     out = mt_elbo.sample(model, rng, mods=mods, cfg=config.objective, num=n,
                          num_classes=num_classes, y=y, num_steps=int(config.sample.num_steps))
-    return {'joint': grid(rows(out))}
+    codec = (codec_on or current_codec)(None)  # latents -> pixels (identity: as they are)
+    return {'joint': grid(rows(codec.decode({m.name: out[m.name] for m in images})))}
 
   return sample_mt if config.objective.name == 'mt_elbo' else sample_decoupled
 
@@ -323,7 +324,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if restored is None:
     state, start = plan.init(), 0
     if config.train.init_from:  # a new run from another's weights; its optimizer starts afresh
-      state = state.replace(**checkpoint_lib.load_weights(config.train.init_from, plan.abstract))
+      state = state.replace(**checkpoint_lib.load_weights(
+          config.train.init_from, plan.abstract, fresh=state,
+          fresh_pattern=config.train.get('init_fresh', '')))
     writer.write_hparams(_flat_hparams(config))
   else:
     state, start = restored

@@ -753,10 +753,16 @@ def _latent_masked_config():
 
 
 def test_latent_masks_are_cut_in_pixels_before_the_vae():
+  from mmgen_jax import parallel  # pylint: disable=g-import-not-at-top
   codec, config = _tiny_codec(), _latent_masked_config()
   pixels = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)), jnp.float32)
   masker = mt_elbo.make_pixel_masker(config)
-  got = masker({'rgb': pixels, 'masked_rgb': pixels}, codec)
+  # A batch split over 4 devices, as the training input hands it over: kept so.
+  mesh = parallel.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:4])
+  sharding = parallel.batch_sharding(mesh, config.sharding_rules)
+  split = jax.device_put(pixels, sharding)
+  got = masker({'rgb': split, 'masked_rgb': split}, codec)
+  assert got[mt_elbo.masked_field('masked_rgb')].sharding.is_equivalent_to(sharding, 4)
   given = np.asarray(got[mt_elbo.masked_field('masked_rgb')])
   assert given.shape == (4, 4, 4, 5)  # 4 latent channels + the mask at the latent grid
   base = jax.random.fold_in(jax.random.key(int(config.seed)), 11)

@@ -220,10 +220,28 @@ def pixel_masked_input(codec, name: str, pixels, mask):
   image goes through the encoder (posterior mean x scale, as any condition) and the
   mask channel holds each latent cell's fraction of unknown pixels.
   """
-  pixels = jnp.asarray(pixels, jnp.float32)
-  mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), (*pixels.shape[:3], 1))
-  latent = codec.encode_mean({name: pixels * (1.0 - mask)})[name]
-  return jnp.concatenate([latent, pool_mask(mask, codec.downsample)], axis=-1)
+  blanked, pooled = _blank(jnp.asarray(pixels, jnp.float32), jnp.asarray(mask, jnp.float32),
+                           codec.downsample)
+  return _join(codec.encode_mean({name: blanked})[name], pooled)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _blank(pixels, mask, factor: int):
+  """(pixels with the mask's pixels set to 0, the mask pooled by factor); jitted, so global
+  arrays of several processes stay where they are."""
+  mask = jnp.broadcast_to(mask, (*pixels.shape[:3], 1))
+  return pixels * (1.0 - mask), pool_mask(mask, factor)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _cut_boxes(key, pixels, factor: int):
+  """One random box per sample drawn and cut, in the pixels' own placement."""
+  return _blank(pixels, random_box_mask(key, pixels.shape[:3]), factor)
+
+
+@jax.jit
+def _join(latent, pooled):
+  return jnp.concatenate([latent, pooled.astype(latent.dtype)], axis=-1)
 
 
 def make_pixel_masker(config) -> Callable[[Mapping[str, jax.Array], Any], dict] | None:
@@ -239,7 +257,6 @@ def make_pixel_masker(config) -> Callable[[Mapping[str, jax.Array], Any], dict] 
   if config.objective.name != 'mt_elbo' or not name or config.codec.name == 'identity':
     return None
   base = jax.random.fold_in(jax.random.key(int(config.seed), impl=config.train.rng_impl), 11)
-  boxes = jax.jit(random_box_mask, static_argnums=1)
   seen = [0]
 
   def apply(batch: Mapping[str, jax.Array], codec) -> dict:
@@ -248,9 +265,9 @@ def make_pixel_masker(config) -> Callable[[Mapping[str, jax.Array], Any], dict] 
                      f'boxes in pixels: the batch needs the pixels of {name!r} (a latent cache '
                      f'holds moments only); it has {sorted(batch)}.')
     pixels = batch[name]
-    mask = boxes(jax.random.fold_in(base, seen[0]), tuple(pixels.shape[:3]))
+    blanked, pooled = _cut_boxes(jax.random.fold_in(base, seen[0]), pixels, codec.downsample)
     seen[0] += 1
-    given = pixel_masked_input(codec, name, pixels, mask)
+    given = _join(codec.encode_mean({name: blanked})[name], pooled)
     sharding = getattr(pixels, 'sharding', None)
     if isinstance(sharding, jax.sharding.NamedSharding):  # laid out like the batch
       given = jax.device_put(given, sharding)
