@@ -50,6 +50,17 @@ def test_find_instances_splits_touching_objects_by_colour():
   assert left[3, 1] and left[4, 2] and not left[:, 4:].any()
 
 
+def test_find_instances_keeps_a_noisy_object_whole():
+  seg = np.full((16, 16), GROUND, np.int32)
+  seg[2:14, 1:15] = SPHERE
+  clean = np.zeros((16, 16, 3), np.float32)
+  clean[:, :8], clean[:, 8:] = RED / 127.5 - 1, BLUE / 127.5 - 1
+  clean[2:8, :8] = (clean[2:8, :8] + 1.0) * 0.5 - 1.0           # a shadow on the red one
+  noisy = clean + np.random.default_rng(0).normal(0.0, 0.03, clean.shape)
+  inst = pe.find_instances(seg, 5, np.clip(noisy, -1, 1))
+  assert len(inst) == 2 and inst.dropped_small == 0 and sorted(inst.area) == [84, 84]
+
+
 # ---- hand-built prompts --------------------------------------------------------------------
 
 
