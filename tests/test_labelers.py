@@ -14,7 +14,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -155,14 +154,16 @@ def test_scene_records_carry_the_official_encodings_of_their_own_truth(scenes_la
   for i in (0, 13, 23):
     r, truth = records[i], scenes.render_scene(i, 32)
     np.testing.assert_array_equal(r['image'], truth['rgb'])
-    np.testing.assert_array_equal(r['depth'][..., 0], encodings.disparity_minmax_u8(1.0 / truth['depth']))
+    np.testing.assert_array_equal(r['depth'][..., 0],
+                                  encodings.disparity_minmax_u8(1.0 / truth['depth']))
     normal = encodings.decode_stablenormal_rgb(r['normal'])
     err = metrics.normal_angles_deg(normal, truth['normal'])
     assert np.median(err) < 1.5 and (err < 11.25).mean() > 0.9  # 8-bit, 32 px
     np.testing.assert_allclose(r['intrinsics'], truth['intrinsics'], atol=1e-4)
     ids = encodings.ids_from_exact_colors(r['segmentation'])
     assert 2 <= ids.max() + 1 <= labelers.MAX_SEGMENTS
-    assert r['label'] == truth['label'] and r['source'] == f'tfds:mmgen_scenes/{SCENES_TEST_BUILD}/train[{i}]'.encode()
+    assert r['label'] == truth['label']
+    assert r['source'] == f'tfds:mmgen_scenes/{SCENES_TEST_BUILD}/train[{i}]'.encode()
     prov = json.loads(r['provenance'])
     assert prov['experts']['depth']['expert'] == 'record:depth'
     assert prov['experts']['segmentation']['expert'] == 'felzenszwalb'
@@ -314,7 +315,7 @@ PHOTOS = {'animals': ('chelsea', 'astronaut'), 'things': ('coffee', 'rocket', 'c
 
 
 def _photos(root):
-  skdata = pytest.importorskip('skimage.data', reason='scikit-image (the test extra) gives the photos')
+  skdata = pytest.importorskip('skimage.data', reason='scikit-image gives the photographs')
   for cls, names in PHOTOS.items():
     os.makedirs(root / cls)
     for n in names:

@@ -173,7 +173,7 @@ class FolderInput:
   def source(self, i: int) -> str:
     return self.files[i]
 
-  def load(self, i: int) -> tuple[np.ndarray | PIL.Image.Image, np.ndarray | None, np.ndarray | None]:
+  def load(self, i: int) -> tuple[PIL.Image.Image, None, None]:
     with PIL.Image.open(os.path.join(self.root, self.files[i])) as im:
       im.load()
       return im.copy(), None, None
@@ -281,8 +281,8 @@ def centre_crop(rgb: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarra
   while min(im.size) >= 2 * resolution:
     im = im.resize((im.size[0] // 2, im.size[1] // 2), resample=PIL.Image.Resampling.BOX)
   scale = resolution / min(im.size)
-  im = im.resize((max(resolution, round(im.size[0] * scale)),
-                  max(resolution, round(im.size[1] * scale))), resample=PIL.Image.Resampling.BICUBIC)
+  size = tuple(max(resolution, round(s * scale)) for s in im.size)
+  im = im.resize(size, resample=PIL.Image.Resampling.BICUBIC)
   w, h = im.size
   left, top = (w - resolution) // 2, (h - resolution) // 2
   crop = np.asarray(im)[top:top + resolution, left:left + resolution]
@@ -324,7 +324,8 @@ def read_item(inp, i: int, opts: Options, min_side: int) -> Item:
     item.problem, _, item.detail = why.partition(': ')
     return item
   if min(rgb.shape[:2]) < min_side:
-    item.problem, item.detail = 'tiny', f'{rgb.shape[1]}x{rgb.shape[0]} px, below --min_side={min_side}'
+    item.problem = 'tiny'
+    item.detail = f'{rgb.shape[1]}x{rgb.shape[0]} px, below --min_side={min_side}'
     return item
   item.rgb, m, geometry = centre_crop(rgb, opts.resolution)
   if k is not None:
@@ -454,7 +455,8 @@ def _hms(s: float) -> str:
 class Summary:
   inputs: int = 0
   written: int = 0
-  skipped: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+  skipped: dict[str, int] = dataclasses.field(
+      default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
   shards_written: int = 0
   shards_already_done: int = 0
   shards_of_other_processes: int = 0
@@ -466,7 +468,8 @@ class Summary:
   ignored_files: int = 0
 
   def log(self) -> None:
-    rates = {k: f'{self.expert_images[k] / max(s, 1e-9):.2f}' for k, s in self.expert_seconds.items()}
+    rates = {k: f'{self.expert_images[k] / max(s, 1e-9):.2f}'
+             for k, s in self.expert_seconds.items()}
     logging.info('summary: %d inputs of this process, %d records written, skipped %s; shards: %d '
                  'written, %d done before, %d left to other processes; %d segments merged or '
                  'dropped (over %d per image); %d non-image files ignored; images/s per expert '
@@ -642,7 +645,8 @@ def run(opts: Options, experts: Mapping[str, Any], *, barrier: Callable[[], None
     raise LabellingError(f'experts missing: {sorted(missing)}.')
   if opts.min_side is None:
     opts = dataclasses.replace(opts, min_side=opts.resolution // 2)
-  depth_field = experts['depth'].field if isinstance(experts['depth'], labelers.RecordDepth) else None
+  record_depth = isinstance(experts['depth'], labelers.RecordDepth)
+  depth_field = experts['depth'].field if record_depth else None
   inp = open_input(opts, depth_field)
   num_shards = -(-len(inp) // opts.shard_size)
   experts = dict(experts, _features=features(opts.resolution, inp.class_names))
@@ -726,7 +730,8 @@ def _define_flags():
   f.DEFINE_string('name', 'mmgen_labelled', 'Dataset name (config.data.name).')
   f.DEFINE_string('split', 'train', 'The split to read (TFDS) and write.')
   f.DEFINE_integer('resolution', 256, 'Side of the square records.')
-  f.DEFINE_string('depth', None, 'transformers:DIR | mmgen:WORKDIR_or_.safetensors | record[:FIELD]',
+  f.DEFINE_string('depth', None,
+                  'transformers:DIR | mmgen:WORKDIR_or_.safetensors | record[:FIELD]',
                   required=True)
   f.DEFINE_string('normals', 'geometric', 'geometric | marigold:DIR')
   f.DEFINE_string('segmentation', 'felzenszwalb', 'felzenszwalb | sam:DIR')

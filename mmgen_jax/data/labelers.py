@@ -207,9 +207,9 @@ class MmgenDepth:
   """RGB -> depth with an mmgen_jax model (inference.py's Sampler; JAX only).
 
   `config` is the model's ml_collections config; `weights` a workdir (its latest
-  checkpoint) or a converted .safetensors. The depth modality's sample is read
-  as relative depth (`inference.decode` onto depth_range, inverted), so the
-  result is affine-invariant disparity. The noise of image i comes from
+  checkpoint) or a converted .safetensors. The depth modality's sample, clipped
+  to [-1, 1], is read as relative depth (`inference.decode` onto depth_range,
+  inverted), so the result is affine-invariant disparity. The noise of image i comes from
   (seed, i) alone: the same image gets the same labels in any batch.
   """
 
@@ -237,7 +237,9 @@ class MmgenDepth:
     self.depth = depth[0]
     model, _, mesh = evaluate.restore_for_inference(config, workdir)
     self.sampler = inference.Sampler(config, model, mesh, seed)
-    self.provenance = _provenance(f'mmgen:{config.model.get("name", "dit")}', weights, 'jax')
+    # A workdir is named by its latest checkpoint's files (not its logs, which keep changing).
+    self.provenance = _provenance(f'mmgen:{config.model.get("name", "dit")}',
+                                  _latest_step_dir(weights) if workdir else weights, 'jax')
     self.provenance['config'] = (f'{config.data.name}/{config.data.builder_config} '
                                  f'res {config.data.resolution}, {config.sample.method} '
                                  f'{config.sample.num_steps} steps, seed {seed}')
@@ -254,11 +256,21 @@ class MmgenDepth:
     got = s(stage=0, index=np.asarray(batch.index)[take], member=np.zeros(len(take), np.int32),
             y=np.full(len(take), s.num_classes, np.int32), cond_name=self.rgb.name,
             cond=s.encode(self.rgb.name, pixels[take]))
-    depth = np.stack([inf.decode(x, self.depth, inf.DEFAULT_DEPTH_RANGE)
+    # Samples overshoot [-1, 1] a little; clipped to it, as a saved image would be, so
+    # decoded depth stays within depth_range (finite, > 0) and one outlier cannot
+    # squeeze the rest of the map in the per-image min-max.
+    depth = np.stack([inf.decode(np.clip(x, -1.0, 1.0), self.depth, inf.DEFAULT_DEPTH_RANGE)
                       for x in got[self.depth.name][:n]])
-    depth = np.where(np.isfinite(depth), depth, inf.DEFAULT_DEPTH_RANGE[1] * 1e3)  # beyond far
-    disparity = 1.0 / np.maximum(depth, 1e-6)
+    disparity = 1.0 / depth
     return DepthResult(_resize_planes(disparity, batch.images.shape[1:3]), affine_invariant=True)
+
+
+def _latest_step_dir(workdir: str) -> str:
+  root = os.path.join(workdir, 'checkpoints')
+  steps = [int(d) for d in os.listdir(root) if d.isdigit()] if os.path.isdir(root) else []
+  if not steps:
+    raise ExpertError(f'depth=mmgen:{workdir}: no checkpoint under {root}.')
+  return os.path.join(root, str(max(steps)))
 
 
 # ---- normals -----------------------------------------------------------------------------------
@@ -278,7 +290,8 @@ class GeometricNormals:
       raise ExpertError(f'far_near_ratio={far_near_ratio} must be > 1.')
     self.fov_deg, self.far_near_ratio = float(fov_deg), float(far_near_ratio)
     self.provenance = _provenance('geometric')
-    self.provenance['config'] = f'fov {self.fov_deg} deg if no intrinsics, far/near {far_near_ratio}'
+    self.provenance['config'] = (f'fov {self.fov_deg} deg if no intrinsics, '
+                                 f'far/near {far_near_ratio}')
 
   def intrinsics(self, batch: Batch) -> np.ndarray:
     if batch.intrinsics is not None:
@@ -430,8 +443,8 @@ class SamSegmentation:
 def _split(spec: str, what: str, kinds: Sequence[str]) -> tuple[str, str]:
   kind, _, arg = (spec or '').partition(':')
   if kind not in kinds:
-    raise ExpertError(f'--{what}={spec!r}: unknown expert {kind!r}; choose one of '
-                      f'{[k + (":..." if k not in ("geometric", "felzenszwalb") else "") for k in kinds]}.')
+    shown = [k if k in ('geometric', 'felzenszwalb') else f'{k}:...' for k in kinds]
+    raise ExpertError(f'--{what}={spec!r}: unknown expert {kind!r}; choose one of {shown}.')
   return kind, arg
 
 
