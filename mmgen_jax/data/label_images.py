@@ -692,14 +692,13 @@ def run(opts: Options, experts: Mapping[str, Any], *, barrier: Callable[[], None
 
   if barrier is not None:
     barrier()
-  if barrier is None or opts.process_index == 0:
-    if len(_finished_shards(opts, num_shards)) == num_shards:
-      write_metadata(opts)
-      summary.complete = True
-    else:
-      logging.info('split %s: %d of %d shards done; the process that finishes the last one '
-                   'writes the TFDS metadata.', opts.split,
-                   len(_finished_shards(opts, num_shards)), num_shards)
+  finished = len(_finished_shards(opts, num_shards))
+  summary.complete = finished == num_shards
+  if summary.complete and (barrier is None or opts.process_index == 0):
+    write_metadata(opts)
+  elif not summary.complete:
+    logging.info('split %s: %d of %d shards done; the process that finishes the last one '
+                 'writes the TFDS metadata.', opts.split, finished, num_shards)
   summary.seconds = time.perf_counter() - t_start
   summary.log()
   return summary
@@ -755,8 +754,9 @@ def _define_flags():
   f.DEFINE_string('label_field', 'label', 'ClassLabel field of a tfds: input.')
   f.DEFINE_integer('process_index', 0, 'This process (without --jax_distributed).')
   f.DEFINE_integer('process_count', 1, 'Number of processes (without --jax_distributed).')
-  f.DEFINE_bool('jax_distributed', False, 'Take the process index and count from '
-                'jax.distributed.initialize() (a pod / SLURM job).')
+  f.DEFINE_bool('jax_distributed', False, 'Take the process index and count from the JAX '
+                'multi-process job (parallel.initialize_distributed: a pod, SLURM, or '
+                '$MMGEN_COORDINATOR / $MMGEN_NUM_PROCESSES / $MMGEN_PROCESS_ID).')
   f.DEFINE_integer('max_shards', None, 'Stop after this many shards (the rest on a rerun).')
   f.DEFINE_float('log_every_s', 30.0, 'Seconds between progress lines.')
 
@@ -773,7 +773,8 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError('--depth=mmgen samples on every device of its process: launch the '
                            'processes with --process_index/--process_count instead of '
                            '--jax_distributed.')
-    jax.distributed.initialize()
+    from mmgen_jax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.initialize_distributed()  # flags-free: $MMGEN_COORDINATOR..., SLURM, TPU VMs
     index, count = jax.process_index(), jax.process_count()
     barrier = lambda: multihost_utils.sync_global_devices('label_images_done')
   try:
