@@ -37,6 +37,9 @@ and E its mentioned entities (a span in the text):
                     their known attributes agree (those named in the text, and
                     shape and colour of entities given as images), ties broken by
                     how many stated relations hold. Sizes are not scored.
+  shape_agrees      per object: the classifier's shape (from the RGB) is the
+                    class of its pixels in the generated segmentation (how
+                    consistent the generated modalities are; not a prompt score).
 
 Both are reported overall and by the number of mentioned entities 1 .. 4
 (`.../n{k}`), as MultiBench reports by number of entities; entity accuracy
@@ -82,6 +85,8 @@ from mmgen_jax.data import scenes
 
 OBJECT_CLASSES: tuple[int, ...] = tuple(scenes.SEMANTIC_CLASSES.index(s)
                                         for s in scenes.SCENE_CLASSES)
+SHAPE_OFFSET = OBJECT_CLASSES[0]   # semantic id = prompts.SHAPES index + SHAPE_OFFSET
+assert OBJECT_CLASSES == tuple(range(SHAPE_OFFSET, SHAPE_OFFSET + len(OBJECT_CLASSES)))
 # Chromaticity step between 4-neighbours (and between adjacent pieces' means) above which
 # they belong to different objects. In 32 px renders (seeds 1e9 .. 1e9+299) neighbours
 # within one object differ by at most 0.007 (99.9th percentile), touching objects of one
@@ -370,6 +375,7 @@ class RecordScore:
   relations_unscored: int
   num_instances: int
   dropped_small: int
+  shape_agrees: list[bool] = dataclasses.field(default_factory=list)  # per object: RGB vs seg
 
   @property
   def text_checks(self) -> list[bool]:
@@ -450,8 +456,10 @@ def score_record(inst: Instances, shape: np.ndarray, colour: np.ndarray, record:
   relation_checks = [bool(assigned[a] >= 0 and assigned[b] >= 0
                           and inst.centre_x[assigned[a]] < inst.centre_x[assigned[b]])
                      for a, b in rels]
+  agrees = [bool(s + SHAPE_OFFSET == c) for s, c in zip(shape, inst.semantic)]
   return RecordScore(len(ks), found, found_s, found_c, len(inst) == len(ks), colour_checks,
-                     shape_checks, relation_checks, unscored, len(inst), inst.dropped_small)
+                     shape_checks, relation_checks, unscored, len(inst), inst.dropped_small,
+                     agrees)
 
 
 # ---- many images ------------------------------------------------------------------------------
@@ -509,11 +517,13 @@ def aggregate(scores: Sequence[RecordScore], prefix: str = '') -> dict[str, floa
     if group:
       out[f'{prefix}text_alignment{suffix}'] = float(np.mean([s.text_alignment for s in group]))
   everything = list(scores)
-  for name in ('entity_shape', 'entity_colour', 'colour', 'shape', 'relation'):
+  stems = {'entity_shape': 'entity_shape', 'entity_colour': 'entity_colour', 'colour': 'colour',
+           'shape': 'shape', 'relation': 'relation', 'shape_agrees': 'rgb_seg_shape_agreement'}
+  for name, stem in stems.items():
     checks = [c for s in everything for c in getattr(s, name)]
-    out[f'{prefix}num_{name}_checks'] = float(len(checks))
+    out[f'{prefix}num_{stem}_checks'] = float(len(checks))
     if checks:
-      out[f'{prefix}{name}_acc'] = _mean(checks)
+      out[f'{prefix}{stem}' if name == 'shape_agrees' else f'{prefix}{stem}_acc'] = _mean(checks)
   if everything:
     out[f'{prefix}count_acc'] = _mean([s.count for s in everything])
     out[f'{prefix}mean_instances'] = float(np.mean([s.num_instances for s in everything]))

@@ -169,6 +169,7 @@ def test_ground_truth_scores_one_and_shuffled_prompts_score_low(renders):
   assert scores['num_image_entities'] >= 16
   assert scores['entity_acc'] == 1.0 and scores['text_alignment'] == 1.0
   assert scores['count_acc'] == 1.0 and scores['num_relation_checks'] >= 10
+  assert scores['rgb_seg_shape_agreement'] == 1.0
   assert {f'entity_acc/n{k}' for k in range(1, 5)} <= set(scores)
 
   # Prompt i scored on image i + 1: the oracle reads image i + 1's own objects.
