@@ -124,6 +124,16 @@ class LabellingError(ValueError):
 
 
 @dataclasses.dataclass
+class Loaded:
+  """One input as read, before any check."""
+  image: np.ndarray | PIL.Image.Image
+  label: int
+  intrinsics: np.ndarray | None = None
+  depth: np.ndarray | None = None
+  name: str | None = None                # a TFDS record's own file name, if it has one
+
+
+@dataclasses.dataclass
 class Item:
   index: int
   source: str
@@ -144,7 +154,7 @@ class FolderInput:
       raise LabellingError(f'--input={root!r} is not a directory (nor tfds:NAME).')
     self.root = root
     files, self.ignored = [], []
-    for dirpath, dirnames, names in os.walk(root):
+    for dirpath, dirnames, names in os.walk(root, followlinks=True):
       dirnames.sort()
       for n in names:
         rel = os.path.relpath(os.path.join(dirpath, n), root)
@@ -173,10 +183,10 @@ class FolderInput:
   def source(self, i: int) -> str:
     return self.files[i]
 
-  def load(self, i: int) -> tuple[PIL.Image.Image, None, None]:
+  def load(self, i: int) -> Loaded:
     with PIL.Image.open(os.path.join(self.root, self.files[i])) as im:
       im.load()
-      return im.copy(), None, None
+      return Loaded(im.copy(), self.labels[i])
 
 
 class TfdsInput:
@@ -212,11 +222,9 @@ class TfdsInput:
     self.name, self.split = name, split
     self.image_field, self.label_field, self.depth_field = image_field, label_field, depth_field
     self.has_intrinsics = 'intrinsics' in feats
-    self.has_file_name = 'file_name' in feats
     self.ignored: list[str] = []
     self.fingerprint = f'tfds:{name}:{builder.version}:{split}:{len(self.source_ds)}'
     self.description = f'tfds:{name} {builder.version} split {split} in {builder.data_dir}'
-    self.labels = None
 
   def __len__(self) -> int:
     return len(self.source_ds)
@@ -224,13 +232,13 @@ class TfdsInput:
   def source(self, i: int) -> str:
     return f'tfds:{self.name}/{self.split}[{i}]'
 
-  def load(self, i: int):
+  def load(self, i: int) -> Loaded:
     r = self.source_ds[i]
-    return (np.asarray(r[self.image_field]),
-            np.asarray(r['intrinsics'], np.float32) if self.has_intrinsics else None,
-            np.asarray(r[self.depth_field], np.float32) if self.depth_field else None,
-            int(r[self.label_field]),
-            (r['file_name'].decode() if isinstance(r.get('file_name'), bytes) else None))
+    name = r.get('file_name')
+    return Loaded(np.asarray(r[self.image_field]), int(r[self.label_field]),
+                  np.asarray(r['intrinsics'], np.float32) if self.has_intrinsics else None,
+                  np.asarray(r[self.depth_field], np.float32) if self.depth_field else None,
+                  name.decode() if isinstance(name, bytes) else name)
 
 
 def open_input(opts: Options, depth_field: str | None):
@@ -303,23 +311,25 @@ def crop_depth(depth: np.ndarray, geometry: tuple, resolution: int) -> np.ndarra
 
 def read_item(inp, i: int, opts: Options, min_side: int) -> Item:
   """Input i, checked and cropped; a problem is recorded on the item, never raised."""
-  item = Item(index=i, source=inp.source(i), label=0 if inp.labels is None else inp.labels[i])
+  item = Item(index=i, source=inp.source(i), label=0)
   try:
     loaded = inp.load(i)
   except Exception as e:  # pylint: disable=broad-except  (any decoder error: named and counted)
     item.problem, item.detail = 'unreadable', f'{type(e).__name__}: {e}'
     return item
-  image, k, depth = loaded[:3]
-  if len(loaded) > 3:  # TFDS: the label and the original file name
-    item.label = loaded[3]
-    if loaded[4]:
-      item.source += f' {loaded[4]}'
+  image, k, depth, item.label = loaded.image, loaded.intrinsics, loaded.depth, loaded.label
+  if loaded.name:
+    item.source += f' {loaded.name}'
   rgb, why = as_rgb(image)
   if rgb is None and why.startswith('greyscale') and opts.greyscale == 'keep':
-    g = np.asarray(image.convert('L') if isinstance(image, PIL.Image.Image) else image)
+    if isinstance(image, PIL.Image.Image):  # 8-bit grey only: converting 16-bit would clip
+      image = image.convert('L') if image.mode in ('1', 'L', 'LA') else np.asarray(image)
+    g = np.asarray(image)
     g = g[..., 0] if g.ndim == 3 else g
-    rgb, why = (np.repeat(g[..., None], 3, -1).astype(np.uint8), '') if g.dtype == np.uint8 else (
-        None, f'unreadable: {g.dtype} greyscale pixels')
+    if g.dtype == np.uint8:
+      rgb, why = np.repeat(g[..., None], 3, -1), ''
+    else:
+      why = f'unreadable: {g.dtype} greyscale pixels (8-bit greyscale is kept, not this)'
   if rgb is None:
     item.problem, _, item.detail = why.partition(': ')
     return item
