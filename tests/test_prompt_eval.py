@@ -234,21 +234,22 @@ def test_classifier_trains_saves_loads_and_scores(tmp_path, renders):
 # ---- the whole evaluation -------------------------------------------------------------------
 
 
-def _unimo_tiny():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'unimo_scenes32.py'
-  spec = importlib.util.spec_from_file_location('unimo_scenes32', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('tiny')
+def _prompt_config():
+  """A small prompt model on the 32 px scenes with the prompt records' L, R, S."""
+  from mmgen_jax import config_schema  # pylint: disable=g-import-not-at-top
+  c = config_schema.base_config()
+  c.model.patch_size, c.model.hidden_size, c.model.depth, c.model.num_heads = 4, 64, 1, 2
+  c.prompt.name = 'unimo'
+  c.prompt.width, c.prompt.depth, c.prompt.heads = 32, 1, 2
+  c.prompt.entity_widths = (8, 16)
+  c.sample.num_steps = 1
+  return c
 
 
 def test_evaluate_model_scores_every_variant_against_the_original_entities(renders):
   """A sampler that returns each prompt's own scene: every variant finds every entity."""
   from mmgen_jax.data import palettes  # pylint: disable=g-import-not-at-top
-  config = _unimo_tiny()
-  config.unlock()
+  config = _prompt_config()
   config.data.resolution = 64
   seen = []
 
@@ -277,15 +278,20 @@ def test_evaluate_model_scores_every_variant_against_the_original_entities(rende
 def test_evaluate_model_samples_a_prompt_model():
   """The real sampling path on a small random prompt model (one step, one variant)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mmgen_jax import parallel  # pylint: disable=g-import-not-at-top
   from mmgen_jax.models import build  # pylint: disable=g-import-not-at-top
-  config = _unimo_tiny()
-  config.unlock()
-  config.sample.num_steps = 1
-  config.sample.text_scale = config.sample.entity_scale = 1.0   # one pass per step
-  config.model.hidden_size, config.model.depth = 64, 1
+  config = _prompt_config()
+  config.data.resolution = config.prompt.entity_size = 8   # a small program to compile
+  config.prompt.entity_widths = (8,)
   mesh = parallel.make_mesh(config.mesh)
-  model = build.build_model(config, rngs=nnx.Rngs(0))
+  # Random parameters drawn with numpy: flax's initialisers would compile one program per
+  # parameter shape, most of this test's time.
+  model = nnx.eval_shape(lambda: build.build_model(config, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  nnx.update(model, jax.tree.map(
+      lambda v: jnp.asarray(0.05 * rng.normal(size=v.shape), v.dtype), nnx.state(model)))
   calls = []
 
   def classify(rgb, index, masks):
@@ -297,6 +303,6 @@ def test_evaluate_model_samples_a_prompt_model():
                       model=model, mesh=mesh)
   res = pe.evaluate_model(config, None, classify, num_prompts=3, batch=8, variants=('prompt',),
                           scenes_fd=False, model=model, mesh=mesh)
-  assert calls == [(3, 32, 32, 3)]
+  assert calls == [(3, 8, 8, 3)]
   assert res['eval/prompt/prompt/num_prompts'] == 3
   assert 0.0 <= res['eval/prompt/prompt/text_alignment'] <= 1.0
