@@ -20,16 +20,19 @@ on 2 cores). And every sample is supervised on every modality
 
   python -m mmgen_jax.main --config=configs/tiny_cpu.py --workdir=/tmp/mmgen/tiny
 
-Variants (`--config=configs/tiny_cpu.py:<variant>`): `pixels` (default) and
-`latent` (the same flow through an SD-VAE latent space; see `_latent`).
+Variants (`--config=configs/tiny_cpu.py:<variant>`): `pixels` (default),
+`latent` (the same flow through an SD-VAE latent space; see `_latent`) and
+`labelled` (the same model on images labelled by `mmgen_jax.data.label_images`,
+in MMGen's encodings; see `_labelled`).
 """
 
 import ml_collections
 
 from mmgen_jax import config_schema
+from mmgen_jax import modalities
 
 
-VARIANTS = ('pixels', 'latent')
+VARIANTS = ('pixels', 'latent', 'labelled')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -75,7 +78,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.gen.features = 'scenes'
   if variant == 'latent':
     _latent(c)
+  if variant == 'labelled':
+    _labelled(c)
   return c
+
+
+def _labelled(c: ml_collections.ConfigDict) -> None:
+  """Images labelled by `python -m mmgen_jax.data.label_images` (its default --name).
+
+  The records are in MMGen's conventions (configs/imagenet256_xl2.py's
+  modalities): the RGB in field `image`, min-max disparity, StableNormal RGB and
+  class-agnostic random segment colours. Set `--config.data.data_dir` to the
+  labeller's `--out` and `--config.data.num_classes` to its number of class
+  folders (1 for a flat folder). No scenes FD: its feature network knows only
+  the scenes.
+  """
+  c.data.name = 'mmgen_labelled'
+  c.data.builder_config = ''
+  c.data.num_classes = 1
+  c.modalities = ml_collections.ConfigDict(dict(
+      rgb=modalities.spec(0, 'rgb', 1.0, field='image'),
+      depth=modalities.spec(1, 'disparity_minmax', 0.2),
+      normal=modalities.spec(2, 'stablenormal_rgb', 0.1),
+      segmentation=modalities.spec(3, 'random_colors', 0.1, color_seed=0)))
+  c.eval.gen.num_samples = 0
 
 
 def _latent(c: ml_collections.ConfigDict) -> None:
