@@ -684,8 +684,8 @@ def evaluate_model(config: Any, workdir: str | None, classifier: str | Classify,
                    variants: Sequence[str] = tuple(VARIANTS), scenes_fd: bool = True,
                    model: Any = None, mesh: Any = None, extractor: Any = None,
                    first_seed: int = VALIDATION_SEEDS,
-                   draw: Callable[[int, Record], Mapping[str, Any]] | None = None
-                   ) -> dict[str, float]:
+                   draw: Callable[[int, Record], Mapping[str, Any]] | None = None,
+                   reference: Any = None) -> dict[str, float]:
   """The prompt evaluation of a checkpoint: {metric: value}, keys eval/prompt/...
 
   Prompts: those of scenes first_seed ... + num_prompts − 1 (default the validation
@@ -701,7 +701,8 @@ def evaluate_model(config: Any, workdir: str | None, classifier: str | Classify,
   and reference cache; the network of config.eval.gen.scenes_features, trained on first
   use). The model is restored from `workdir` (evaluate.restore_for_inference) unless
   given; `classifier` is an attribute_classifier directory or a Classify function;
-  `draw` replaces the sampler (make_prompt_sampler's signature; records carry 'seed').
+  `draw` replaces the sampler (make_prompt_sampler's signature; records carry 'seed'),
+  `extractor` and `reference` generation_eval's feature networks and real statistics.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -751,7 +752,6 @@ def evaluate_model(config: Any, workdir: str | None, classifier: str | Classify,
                                'eval/prompt/kind': float(kind)}
   for name, value in classifier_meta.get('held_out', {}).items():
     results[f'eval/prompt/classifier/{name}'] = float(value)
-  reference = None
   for variant in variants:
     texts = variant_batch(records, variant)
     rgb, seg, feats = [], [], {}

@@ -262,14 +262,23 @@ def test_evaluate_model_scores_every_variant_against_the_original_entities(rende
                             / 127.5 - 1.0,
             'depth': np.zeros((n, 64, 64, 1)), 'normal': np.zeros((n, 64, 64, 3))}
 
+  # Scenes FD: a stand-in feature network (mean colour per image) and the statistics of the
+  # true renders, which the generated set here equals.
+  from mmgen_jax import generation_eval as ge  # pylint: disable=g-import-not-at-top
+  from mmgen_jax import metrics  # pylint: disable=g-import-not-at-top
+  feats = lambda rgb: np.asarray(rgb, np.float64).mean((1, 2))
+  extractor = ge.Extractor(lambda b: {'scenes/rgb': feats(b['rgb'])}, ('scenes/rgb',), {}, {})
+  reference = ge.Reference({'scenes/rgb': metrics.feature_statistics(
+      feats(renders['rgb'] / 127.5 - 1.0))}, {}, 16, 'renders')
   res = pe.evaluate_model(config, None, pe.oracle_classifier(renders), num_prompts=16, batch=6,
-                          scenes_fd=False, draw=draw)
+                          draw=draw, extractor=extractor, reference=reference)
   assert [i for i, *_ in seen] == [0, 1, 2] * 3 and all(len(t) == 6 for _, t, _ in seen)
   assert [has for *_, has in seen] == [True] * 3 + [False] * 6   # images only in 'prompt'
   for v in pe.VARIANTS:
     assert res[f'eval/prompt/{v}/num_image_entities'] == renders['entity_is_image'].sum()
     assert res[f'eval/prompt/{v}/entity_acc'] == 1.0
     assert res[f'eval/prompt/{v}/text_alignment'] == 1.0
+    assert abs(res[f'eval/prompt/{v}/scenes_fd/rgb']) < 1e-6
   assert res['eval/prompt/placeholder/num_colour_checks'] == 0
   assert res['eval/prompt/spelled_out/num_colour_checks'] > res['eval/prompt/prompt/num_colour_checks']
 
