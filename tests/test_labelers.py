@@ -466,3 +466,10 @@ def test_marigold_normals_are_unit_opencv_vectors_seeded_per_image(tmp_path):
   alone = expert(labelers.Batch(images=batch.images[1:], index=batch.index[1:]))
   np.testing.assert_allclose(alone[0], n[1], atol=1e-4)  # its noise is its own, in any batch
   assert expert.provenance['expert'] == 'marigold_normals'
+
+
+def test_a_name_a_builder_is_registered_under_is_refused():
+  for taken in ('imagenet2012_mmgen', 'mmgen_scenes', 'imagenet2012'):
+    with pytest.raises(label_images.LabellingError, match='registered TFDS builder'):
+      label_images._check_name_is_free(taken)
+  label_images._check_name_is_free('photos_labelled')

@@ -381,6 +381,20 @@ def _png(x: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
+def _check_name_is_free(name: str) -> None:
+  """The pipeline opens `config.data.name` with tfds.builder, which prefers a registered builder
+  of that name (ours or TFDS's catalogue) to the folder written here: refuse such a name."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top,unused-import
+  try:
+    tfds.builder_cls(name)
+  except tfds.core.registered.DatasetNotFoundError:
+    return
+  raise LabellingError(
+      f'--name={name!r} is a registered TFDS builder, which the pipeline would open instead of '
+      f'the labelled records: choose another name (e.g. {name + "_labelled"!r}).')
+
+
 # ---- state files -------------------------------------------------------------------------------
 
 
@@ -653,6 +667,7 @@ def run(opts: Options, experts: Mapping[str, Any], *, barrier: Callable[[], None
   missing = {'depth', 'normal', 'segmentation'} - set(experts)
   if missing:
     raise LabellingError(f'experts missing: {sorted(missing)}.')
+  _check_name_is_free(opts.name)
   if opts.min_side is None:
     opts = dataclasses.replace(opts, min_side=opts.resolution // 2)
   record_depth = isinstance(experts['depth'], labelers.RecordDepth)
