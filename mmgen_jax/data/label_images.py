@@ -205,6 +205,11 @@ class TfdsInput:
       raise LabellingError(f'--input=tfds:{name}: not prepared under {builder.data_dir_root} '
                            '(download and prepare it first; e.g. imagenet2012 needs its manual '
                            'download).')
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:  # no random access
+      raise LabellingError(
+          f'--input=tfds:{name} is stored as {builder.info.file_format.value}; reading by index '
+          f'needs array_record: prepare it again with `tfds build {base} --file_format='
+          'array_record`.')
     if split not in builder.info.splits:
       raise LabellingError(f'--input=tfds:{name} has no split {split!r}; splits: '
                            f'{list(builder.info.splits)}.')
