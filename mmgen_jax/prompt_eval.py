@@ -29,7 +29,10 @@ and E its mentioned entities (a span in the text):
                     relation  per left/right relation the text states (two
                               objects: 'A left of B' / 'A right of B'; three or
                               more: 'from left to right A, B and C' gives A
-                              left of B and B left of C), the matched objects'
+                              left of B and B left of C), both entities are
+                              found (their matched objects have every attribute
+                              known of them, as T2I-CompBench's spatial score
+                              asks both objects to be detected) and the objects'
                               centroids are in that order. 'in front of' /
                               'behind' are counted (`relations_unscored`), not
                               scored: they need depth, not the segmentation.
@@ -453,7 +456,13 @@ def score_record(inst: Instances, shape: np.ndarray, colour: np.ndarray, record:
                    for k in ks if named_c[k] >= 0]
   shape_checks = [bool(assigned[k] >= 0 and shape[assigned[k]] == named_s[k])
                   for k in ks if named_s[k] >= 0]
-  relation_checks = [bool(assigned[a] >= 0 and assigned[b] >= 0
+  # An entity is found when its object has every attribute known of it (an entity known
+  # by nothing, 'a', is any object); a relation holds when both are found, in order.
+  found_all = {k: bool(assigned[k] >= 0
+                       and (known_s[pos[k]] < 0 or shape[assigned[k]] == known_s[pos[k]])
+                       and (known_c[pos[k]] < 0 or colour[assigned[k]] == known_c[pos[k]]))
+               for k in ks}
+  relation_checks = [bool(found_all[a] and found_all[b]
                           and inst.centre_x[assigned[a]] < inst.centre_x[assigned[b]])
                      for a, b in rels]
   agrees = [bool(s + SHAPE_OFFSET == c) for s, c in zip(shape, inst.semantic)]

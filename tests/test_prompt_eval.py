@@ -123,6 +123,7 @@ def test_counts_colours_shapes_and_left_right_on_hand_built_maps():
   assert swapped.relation == [False] and swapped.count and swapped.text_alignment == 5 / 6
   recoloured = _score(rec, [(SPHERE, BLUE, 1), (BOX, RED, 7)])
   assert recoloured.colour == [False, False] and recoloured.shape == [True, True]
+  assert recoloured.relation == [False]   # neither entity is there: no relation between them
   extra = _score(rec, [(SPHERE, RED, 0), (BOX, BLUE, 4), (CONE, RED, 8)])
   assert not extra.count and extra.relation == [True]
   missing = _score(rec, [(SPHERE, RED, 1)])
@@ -142,7 +143,9 @@ def test_three_objects_chain_and_image_entities():
   assert s.entity == [True] and s.relation == [True, True] and s.text_alignment == 1.0
   wrong_entity = _score(rec, [(SPHERE, BLUE, 0), (CONE, RED, 4), (BOX, RED, 8)])
   assert wrong_entity.entity == [False] and wrong_entity.entity_shape == [True]
-  assert wrong_entity.text_alignment == 1.0   # the image entity is no textual claim
+  # Its attributes are no textual claim, but a relation needs the entity found.
+  assert wrong_entity.colour == [True, True] and wrong_entity.shape == [True, True]
+  assert wrong_entity.relation == [False, True]
 
 
 def test_identical_entities_are_matched_by_the_stated_order():
