@@ -6,14 +6,16 @@ generated segmentation and read by the attribute classifier
 exact ground truth.
 
 Objects (`find_instances`): the connected components (4-connectivity) of each
-object class (sphere, box, cylinder, cone) in a segmentation id map, kept when
+object class (sphere, box, cylinder, cone) in a segmentation id map, split where
+the generated RGB's colour changes (two touching objects of one class), kept when
 they cover at least `min_area` pixels (default: prompts.MIN_VISIBLE_FRACTION of
 the image, the area below which a prompt does not mention an object; the smaller
-ones are counted as `instances_dropped_small`, not silently lost). Two touching
-objects of one class are one component; an object cut in two by a nearer one is
-two: the ground-truth ceiling (`ground_truth_ceiling`) measures how often that
-happens. Each object's shape and colour come from the classifier on its crop
-of the generated RGB; its horizontal position is its mask's centroid.
+ones are counted as `instances_dropped_small`, not silently lost). An object cut
+in two by a nearer one counts twice, two touching objects of one class and
+colour once: the ground-truth ceiling (`ground_truth_ceiling`, `--ceiling`)
+measures how often such things happen. Each object's shape and colour come from
+the classifier on its crop of the generated RGB; its horizontal position is its
+mask's centroid.
 
 Scores of one prompt (`score_record`), with E_img its entities given as images
 and E its mentioned entities (a span in the text):
@@ -40,7 +42,7 @@ and E its mentioned entities (a span in the text):
                     their known attributes agree (those named in the text, and
                     shape and colour of entities given as images), ties broken by
                     how many stated relations hold. Sizes are not scored.
-  shape_agrees      per object: the classifier's shape (from the RGB) is the
+  rgb_seg_shape_agreement  per object: the classifier's shape (from the RGB) is the
                     class of its pixels in the generated segmentation (how
                     consistent the generated modalities are; not a prompt score).
 
@@ -84,6 +86,7 @@ from scipy import optimize
 from scipy import sparse
 from scipy.sparse import csgraph
 
+from mmgen_jax.data import prompts
 from mmgen_jax.data import scenes
 
 OBJECT_CLASSES: tuple[int, ...] = tuple(scenes.SEMANTIC_CLASSES.index(s)
@@ -104,15 +107,10 @@ Record = Mapping[str, np.ndarray]
 Classify = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def _prompts():
-  from mmgen_jax.data import prompts  # pylint: disable=g-import-not-at-top
-  return prompts
-
-
 def default_min_area(resolution: int) -> int:
   """prompts.MIN_VISIBLE_FRACTION of a resolution² image, in pixels, rounded down (prompts
   measure it at scenes.LABEL_RESOLUTION; at 32 px the threshold falls between 5 and 6)."""
-  return max(1, int(np.floor(_prompts().MIN_VISIBLE_FRACTION * resolution * resolution)))
+  return max(1, int(np.floor(prompts.MIN_VISIBLE_FRACTION * resolution * resolution)))
 
 
 # ---- objects in a segmentation --------------------------------------------------------------
@@ -300,14 +298,13 @@ def oracle_classifier(records: Record, min_overlap: float = 0.5) -> Classify:
 
 
 def _shape_words() -> dict[str, int]:
-  p = _prompts()
-  words = p._SHAPE_WORDS  # pylint: disable=protected-access
-  return {w: p.SHAPES.index(s) for s, ws in words.items() for w in ws}
+  words = prompts._SHAPE_WORDS  # pylint: disable=protected-access
+  return {w: prompts.SHAPES.index(s) for s, ws in words.items() for w in ws}
 
 
 def words_of(record: Record) -> list[str]:
   """The record's tokens as words (padding dropped; positions are token positions)."""
-  return _prompts().decode(record['prompt_tokens'], record['prompt_mask'])
+  return prompts.decode(record['prompt_tokens'], record['prompt_mask'])
 
 
 def mentioned(record: Record) -> list[int]:
@@ -320,15 +317,14 @@ def mentioned(record: Record) -> list[int]:
 
 def named_attributes(record: Record) -> tuple[np.ndarray, np.ndarray]:
   """(shape (E,), colour (E,)) ids named by the words of each entity's phrase, -1 if none."""
-  p = _prompts()
   words, spans = words_of(record), np.asarray(record['entity_spans'])
   shape_words = _shape_words()
   shape = np.full(len(spans), -1, np.int32)
   colour = np.full(len(spans), -1, np.int32)
   for k in mentioned(record):
     for w in words[spans[k, 0]:spans[k, 1]]:
-      if w in p.COLOURS:
-        colour[k] = p.COLOURS.index(w)
+      if w in prompts.COLOURS:
+        colour[k] = prompts.COLOURS.index(w)
       elif w in shape_words:
         shape[k] = shape_words[w]
   return shape, colour
@@ -548,7 +544,6 @@ def rewrite_phrases(record: Record, phrase: Callable[[int], Sequence[str]]) -> d
   """The record with each mentioned entity's phrase (with its '<ent>' slots) replaced by
   `phrase(k)` (words, no images): text-only, the rest of the sentence, the entities'
   masks and attributes unchanged; prompt_kind 0."""
-  p = _prompts()
   words, spans, ks = words_of(record), np.asarray(record['entity_spans']), mentioned(record)
   max_tokens = len(record['prompt_tokens'])
   new_words: list[str] = []
@@ -561,10 +556,10 @@ def rewrite_phrases(record: Record, phrase: Callable[[int], Sequence[str]]) -> d
     new_spans[k] = (start, len(new_words))
     pos = spans[k, 1]
   new_words += words[pos:]
-  unknown = [w for w in new_words if w not in p.VOCAB]
+  unknown = [w for w in new_words if w not in prompts.VOCAB]
   if unknown:
     raise ValueError(f'rewritten prompt holds words outside prompts.VOCAB: {unknown}.')
-  tokens, mask = p.encode_words(new_words, max_tokens)
+  tokens, mask = prompts.encode_words(new_words, max_tokens)
   out = {k: np.array(v) for k, v in record.items()}
   out.update(prompt_tokens=tokens, prompt_mask=mask,
              prompt_entity=np.zeros(max_tokens, np.int32), entity_spans=new_spans,
@@ -581,14 +576,13 @@ def placeholder_variant(record: Record, words: Sequence[str] = ('a',)) -> dict[s
 
 def spelled_out_variant(record: Record) -> dict[str, np.ndarray]:
   """Every mentioned entity as 'a(n) <colour> <shape>' from its attributes, no image."""
-  p = _prompts()
 
   def phrase(k):
     c, s = int(record['entity_colour'][k]), int(record['entity_shape'][k])
     if c < 0 or s < 0:
       raise ValueError(f'entity {k} has no attributes (shape {s}, colour {c}) to spell out.')
-    colour = p.COLOURS[c]
-    return ('an' if colour[0] in 'aeiou' else 'a', colour, p.SHAPES[s])
+    colour = prompts.COLOURS[c]
+    return ('an' if colour[0] in 'aeiou' else 'a', colour, prompts.SHAPES[s])
 
   return rewrite_phrases(record, phrase)
 
@@ -617,11 +611,10 @@ def scene_records(seeds: Sequence[int], resolution: int, *, kind: int | None = 1
   """Batched prompt records (N, ...) of scenes `seeds` (prompts.example_fields); kind 1
   by default (imaged entities shown by their image alone: entity accuracy then measures
   what the images convey). with_scene adds the render's rgb and segmentation."""
-  p = _prompts()
   rows = []
   for seed in seeds:
     out = scenes.render_scene(int(seed), resolution, with_instances=True)
-    row = p.example_fields(int(seed), resolution, max_tokens=max_tokens,
+    row = prompts.example_fields(int(seed), resolution, max_tokens=max_tokens,
                            entity_tokens=entity_tokens, entity_size=entity_size, kind=kind,
                            instance=out['instance'])
     if with_scene:

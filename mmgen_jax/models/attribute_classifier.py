@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mmgen_jax.data import prompts
 from mmgen_jax.data import scenes
 
 WEIGHTS = 'weights.safetensors'
@@ -53,13 +54,11 @@ FIRST_OBJECT = 3                  # instance id of object 0 (scenes.render_scene
 
 def vocabularies() -> tuple[tuple[str, ...], tuple[str, ...]]:
   """(SHAPES, COLOURS) of `mmgen_jax.data.prompts`."""
-  from mmgen_jax.data import prompts  # pylint: disable=g-import-not-at-top
   return tuple(prompts.SHAPES), tuple(prompts.COLOURS)
 
 
 def colour_id(albedo: Sequence[float]) -> int:
   """Index into prompts.COLOURS of the colour name a prompt gives this albedo."""
-  from mmgen_jax.data import prompts  # pylint: disable=g-import-not-at-top
   return prompts.COLOURS.index(prompts.colour_name(albedo))
 
 
