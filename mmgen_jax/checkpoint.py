@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -181,7 +182,8 @@ class Checkpointer:
 WEIGHTS = ('params', 'ema_params')
 
 
-def load_weights(source: str | os.PathLike, abstract_state: Any) -> dict[str, Any]:
+def load_weights(source: str | os.PathLike, abstract_state: Any, *, fresh: Any = None,
+                 fresh_pattern: str = '') -> dict[str, Any]:
   """The weights and EMA weights of another run, for `config.train.init_from`.
 
   `source` is a run's workdir, its `checkpoints/` directory or one step
@@ -189,7 +191,10 @@ def load_weights(source: str | os.PathLike, abstract_state: Any) -> dict[str, An
   {'params', 'ema_params'} placed on the shardings of `abstract_state`'s;
   the optimizer, step, RNG and data position stay the new run's. The saved
   trees must have the model's names and shapes (dtypes are cast); otherwise
-  the error lists every difference.
+  the error lists every difference. Except: leaves the checkpoint lacks whose
+  path ('params/blocks/cross_attn/q_kernel') matches the regular expression
+  `fresh_pattern` (`config.train.init_fresh`) keep their values in the state
+  `fresh` (the new run's initialisation), e.g. layers added to a trained model.
   """
   step_dir = _newest_step_dir(source)
   where = f'config.train.init_from={str(source)!r} ({step_dir})'
@@ -201,16 +206,54 @@ def load_weights(source: str | os.PathLike, abstract_state: Any) -> dict[str, An
   wanted = {name: getattr(abstract_state, name) for name in WEIGHTS}
   target = _in_layout(wanted, convert.scan_layers_of(saved))
   problems = [p for name in WEIGHTS for p in _differences(name, saved, target[name])]
+  absent = ': not in the checkpoint'
+  kept = {p.removesuffix(absent) for p in problems if fresh_pattern and p.endswith(absent)
+          and re.search(fresh_pattern, p.removesuffix(absent))}
+  problems = [p for p in problems if p.removesuffix(absent) not in kept]
+  if kept and fresh is None:
+    raise ValueError(f'{where}: config.train.init_fresh={fresh_pattern!r} keeps {len(kept)} '
+                     'parameters fresh but no fresh state was given.')
   if problems:
     shown = '\n'.join(f'  - {p}' for p in problems[:20])
     more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
     raise ValueError(f'{where} does not fit this model ({len(problems)} difference(s)); '
                      f'compare config.model with the config saved beside it:\n{shown}{more}')
+  target = _pruned(target, kept)
   restored = checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True))
   logging.info('Initialised the weights and EMA weights from %s.', step_dir)
+  if kept:
+    logging.info('%d parameters not in %s keep their initial values (config.train.init_fresh='
+                 '%r), e.g. %s.', len(kept), step_dir, fresh_pattern, sorted(kept)[0])
+    fresh_weights = {name: getattr(fresh, name) for name in WEIGHTS}
+    restored = _filled(restored, _in_layout(fresh_weights, convert.scan_layers_of(saved)))
   return _relaid_out(restored, wanted, where)
+
+
+def _pruned(tree: Any, drop: set[str], prefix: str = '') -> Any:
+  """Nested dicts without the leaves at the '/'-joined paths `drop` (empty dicts removed)."""
+  if not isinstance(tree, dict) or not drop:
+    return tree
+  out = {}
+  for key, value in tree.items():
+    path = f'{prefix}/{key}' if prefix else str(key)
+    if isinstance(value, dict):
+      value = _pruned(value, drop, path)
+      if value:
+        out[key] = value
+    elif path not in drop:
+      out[key] = value
+  return out
+
+
+def _filled(tree: Any, full: Any) -> Any:
+  """`full`'s nested dicts with `tree`'s leaves wherever `tree` has them (Orbax may
+  spell list indices as strings: 0 and '0' are the same key)."""
+  if not isinstance(full, dict):
+    return full if tree is None else tree
+  tree = tree or {}
+  return {key: _filled(tree.get(key, tree.get(str(key))), value) for key, value in full.items()}
 
 
 def _in_layout(abstract_state: Any, scan_layers: bool | None) -> Any:

@@ -189,6 +189,10 @@ def base_config() -> ml_collections.ConfigDict:
   # or one step directory; its newest step), with a fresh optimiser and step 0.
   # Only for a new run: a run with checkpoints of its own resumes from them.
   c.train.init_from = ''
+  # A regular expression: parameters init_from's checkpoint lacks whose path matches it
+  # (e.g. 'prompt_encoder|prompt_proj|cross_attn', layers added to a trained model)
+  # keep their initial values; any other difference is an error.
+  c.train.init_fresh = ''
   c.train.peak_flops = 0.0            # per-device peak FLOP/s for MFU (0 = not reported)
   # PRNG behind parameter init and every train-time draw: 'threefry2x32' (JAX's
   # default), 'rbg' or 'unsafe_rbg' (RngBitGenerator: faster on TPU and much

@@ -304,7 +304,7 @@ class MMDiT(nnx.Module):
     self.task_embedder = (LabelEmbedder(num_tasks + 1, hidden_size, init_std=task_embed_init_std,
                                         **kw) if num_tasks else None)
     if prompt:
-      self.prompt_encoder = prompt_lib.PromptEncoder(**prompt, **kw)
+      self.prompt_encoder = prompt_lib.PromptEncoder(**prompt, batch_axes=self.batch_axes, **kw)
       # Zero-init: the pooled prompt leaves c unchanged at the start.
       self.prompt_proj = dense(self.prompt_encoder.width, hidden_size, ('mlp', 'embed'),
                                zero_init=True, **kw)
@@ -442,9 +442,10 @@ class MMDiT(nnx.Module):
         maps.append(probs)
       return x, outputs if keep_outputs else [], maps if return_attention else []
 
+    # The prompt features enter unconstrained: constraining this loop-invariant input
+    # like x inside the body gave wrong values on a (2, 2, 2) CPU mesh (jax 0.10.2;
+    # tests/test_prompt_model.py compares the sharded loss with one device's).
     def step(block, x, c, context):
-      if context is not None:
-        context = context.replace(tokens=_split_batch(context.tokens, self.batch_axes))
       x, probs = call(block, _split_batch(x, self.batch_axes), c, context)
       return x, (x if keep_outputs else None, probs)
 

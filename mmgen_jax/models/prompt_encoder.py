@@ -295,7 +295,9 @@ class PromptEncoder(nnx.Module):
   def __init__(self, *, vocab_size: int, width: int, depth: int, num_heads: int,
                entity_tokens: int, max_tokens: int, max_entities: int, entity_size: int,
                entity_widths: Sequence[int] = (32, 64), resampler_depth: int = 1,
-               mlp_ratio: float = 4.0, numerics: Numerics, rngs: nnx.Rngs):
+               mlp_ratio: float = 4.0, batch_axes: str | tuple[str, ...] | None = None,
+               numerics: Numerics, rngs: nnx.Rngs):
+    """batch_axes: the mesh axes the batch is split over (the model's 'batch' rule)."""
     for key, value in (('vocab_size', vocab_size), ('width', width), ('heads', num_heads),
                        ('entity_tokens', entity_tokens), ('max_tokens', max_tokens),
                        ('max_entities', max_entities)):
@@ -306,6 +308,7 @@ class PromptEncoder(nnx.Module):
                        f'{resampler_depth} >= 1 and entity_widths={tuple(entity_widths)} '
                        'non-empty.')
     self.width, self.max_tokens = width, max_tokens
+    self.batch_axes = tuple(batch_axes) if isinstance(batch_axes, (list, tuple)) else batch_axes
     self.entity_tokens, self.max_entities = entity_tokens, max_entities
     kw = dict(numerics=numerics, rngs=rngs)
     embed = lambda rows: nnx.Embed(
@@ -327,7 +330,10 @@ class PromptEncoder(nnx.Module):
       raise ValueError(f'entity_images hold {k} entities per sample; expected '
                        f'config.prompt.max_entities={self.max_entities}.')
     tokens = self.resampler(self.image_encoder(images.reshape(n * k, *images.shape[2:])))
-    return tokens.reshape(n, k, self.entity_tokens, self.width)
+    # Split over the batch alone before the (N·K) -> (N, K) reshape: left to itself,
+    # the partitioner gave wrong values here in the train step on a (2, 2, 2) CPU
+    # mesh (jax 0.10.2; tests/test_prompt_model.py compares with one device).
+    return _batch_only(tokens, self.batch_axes).reshape(n, k, self.entity_tokens, self.width)
 
   def __call__(self, prompt: Prompt) -> PromptFeatures:
     n, length = prompt.tokens.shape
@@ -353,6 +359,14 @@ class PromptEncoder(nnx.Module):
     weights = mask.astype(jnp.float32)[..., None]
     pooled = (h * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
     return PromptFeatures(tokens=h, mask=mask, pooled=pooled)
+
+
+def _batch_only(x: jax.Array, batch_axes: str | tuple[str, ...] | None) -> jax.Array:
+  """x split over `batch_axes` on its leading axis, whole on the others (under a mesh)."""
+  if batch_axes is None or jax.sharding.get_abstract_mesh().empty:
+    return x
+  spec = jax.sharding.PartitionSpec(batch_axes, *[None] * (x.ndim - 1))
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def _entity_slot_index(entity: jax.Array, max_entities: int, entity_tokens: int) -> jax.Array:
