@@ -29,6 +29,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from absl import logging
+from flax import nnx
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -124,13 +125,52 @@ def make_joint_sampler(config: ml_collections.ConfigDict, model: Any, mesh: jax.
 LABEL_KEY = 'mt_label'  # a joint sample's generated label, beside its features
 
 
+def scenes_network(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """The scenes feature network for the config's image modalities, or None.
+
+  The network learns from the scenes' segmentation ids, so a config without a
+  segmentation modality (joint_label: RGB and the label; transition: RGB and
+  depth) cannot train or load one of its own. It is then loaded (trained
+  first if absent, at config.eval.gen.scenes_features or
+  <workdir>/scenes_features) for the scenes' own modalities, and each image
+  modality of the config gets the CNN of the scenes modality with its encoding
+  (one CNN per modality, so this is the same network a full-scenes run uses).
+  None: the config has a segmentation modality (make_extractor loads its own).
+  """
+  from mmgen_jax import config_schema  # pylint: disable=g-import-not-at-top
+  from mmgen_jax.models import scenes_features  # pylint: disable=g-import-not-at-top
+  images = modalities_lib.images(modalities_lib.from_config(config.modalities))
+  if any(m.encoding == 'segmentation' for m in images):
+    return None
+  full_config = ml_collections.ConfigDict(config.to_dict())
+  full_config.modalities = config_schema.scenes_modalities()
+  full, _ = scenes_features.load_or_train(full_config, workdir)
+  net = scenes_features.net_config(full_config)
+  by_encoding = {enc: name for name, enc in net['encodings'].items()}
+  channels = {}
+  for m in images:
+    source = by_encoding.get(m.encoding)
+    if source is None or net['channels'][source] != int(m.channels):
+      raise ValueError(f'scenes features: modality {m.name!r} (encoding {m.encoding!r}, '
+                       f'{m.channels} channels) has no counterpart in the scenes network '
+                       f'(encodings {net["encodings"]}, channels {net["channels"]}).')
+    channels[m.name] = source
+  model = scenes_features.build({**net, 'channels': {k: net['channels'][v]
+                                                     for k, v in channels.items()}})
+  for name, source in channels.items():
+    nnx.update(model.nets[name], nnx.state(full.nets[source]))
+  return model
+
+
 def evaluate_generation_mt(config: ml_collections.ConfigDict, workdir: str, model: Any,
                            step: int, mesh: jax.sharding.Mesh, *,
                            extractor: Any = None) -> dict[str, float]:
   """Generation metrics of joint samples, keys 'eval/mt/gen/...' ({} if no network)."""
   from mmgen_jax import generation_eval as ge  # pylint: disable=g-import-not-at-top
   ge.check_sizes(config, mesh)
-  extractor = extractor or ge.make_extractor(config, workdir, mesh)
+  if extractor is None:
+    scenes = scenes_network(config, workdir) if 'scenes' in ge.requested_nets(config) else None
+    extractor = ge.make_extractor(config, workdir, mesh, scenes_model=scenes)
   if not extractor.keys:
     logging.warning('generation metrics (mt_elbo): no feature network available (%s).',
                     extractor.skipped)

@@ -5,6 +5,7 @@ import json
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -90,3 +91,40 @@ def test_joint_samples_are_scored_with_the_scenes_fd(setup, tmp_path, monkeypatc
   assert results == {'eval/mt/num_examples': 8.0, **got}
   written = json.loads((tmp_path / 'eval' / 'step_000003.json').read_text())
   assert written == {'step': 3, **results}
+
+
+def test_scenes_fd_of_a_config_without_segmentation(scenes_data_dir, tmp_path):
+  # joint_label (RGB and the label): the scenes network cannot learn from this config's
+  # modalities (it needs segmentation ids); the one of the scenes' own modalities is used.
+  config = gen_config(scenes_data_dir, SCENES_TEST_BUILD, features='scenes')
+  config.modalities = ml_collections.ConfigDict(dict(
+      rgb=modalities.spec(0, 'rgb', 1.0), label=modalities.spec(1, 'label', 0.1, num_classes=4)))
+  config.objective.update(dict(name='mt_elbo', primary='rgb', path='vp_linear',
+                               prediction='eps', num_timesteps=50))
+  full_config = ml_collections.ConfigDict(config.to_dict())
+  full_config.modalities = config_schema.scenes_modalities()
+  full = scenes_features.build(scenes_features.net_config(full_config), seed=3)
+  net_dir = tmp_path / 'net'
+  scenes_features.save(full, str(net_dir), scenes_features.net_config(full_config))
+  config.eval.gen.scenes_features = str(net_dir)
+
+  sub = mt_eval.scenes_network(config, str(tmp_path))
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1.0, maxval=1.0)
+  np.testing.assert_array_equal(sub({'rgb': x})['rgb'], full({'rgb': x})['rgb'])
+  assert sub.names == ('rgb',)
+
+  mods = modalities.from_config(config.modalities)
+  rngs = nnx.Rngs(0)
+  model = mt_encoders.MTDiffusion(PixelTrunk(mt_encoders.trunk_spec(mods, 'rgb'), 4, rngs=rngs),
+                                  mods=mods, primary='rgb', spatial=(32, 32), rngs=rngs)
+  mesh = parallel.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:4])
+  got = mt_eval.evaluate_generation_mt(config, str(tmp_path / 'work'), model, 3, mesh)
+  assert np.isfinite(got['eval/mt/gen/scenes_fd/rgb'])
+  assert 0.0 <= got['eval/mt/gen/label_agreement/rgb'] <= 1.0
+  assert not (tmp_path / 'work' / 'scenes_features').exists()  # nothing retrained
+
+
+def test_scenes_network_is_none_with_segmentation(scenes_data_dir):
+  config = gen_config(scenes_data_dir, SCENES_TEST_BUILD, features='scenes')
+  config.modalities = config_schema.scenes_modalities(with_label_modality=True)
+  assert mt_eval.scenes_network(config, '') is None  # make_extractor loads its own
