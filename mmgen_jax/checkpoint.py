@@ -248,12 +248,11 @@ def _pruned(tree: Any, drop: set[str], prefix: str = '') -> Any:
 
 
 def _filled(tree: Any, full: Any) -> Any:
-  """`full`'s nested dicts with `tree`'s leaves wherever `tree` has them (Orbax may
-  spell list indices as strings: 0 and '0' are the same key)."""
+  """`full`'s nested dicts with `tree`'s leaves wherever `tree` has them."""
   if not isinstance(full, dict):
     return full if tree is None else tree
   tree = tree or {}
-  return {key: _filled(tree.get(key, tree.get(str(key))), value) for key, value in full.items()}
+  return {key: _filled(tree.get(key), value) for key, value in full.items()}
 
 
 def _in_layout(abstract_state: Any, scan_layers: bool | None) -> Any:

@@ -100,10 +100,10 @@ def _forward_plain(model, x, t, y, task):
 # ---- the model ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('scan_layers', [True, False], ids=['scanned', 'per_block'])
-def test_prompt_path_starts_as_the_checkpoint_without_it(scan_layers):
+def test_prompt_path_starts_as_the_checkpoint_without_it(scan_layers=True):
   """Zero-initialised cross-attention and pooled projection: a prompt-free model's weights in
-  a prompt model give exactly its outputs, whatever the prompt; once trained they do not."""
+  a prompt model give exactly its outputs, whatever the prompt; once trained they do not.
+  (The scanned trunk; the per-block one calls the same block.)"""
   base = _init(_abstract(scan_layers=scan_layers))
   _perturb(base)
   with nnx.use_eager_sharding(False):  # new parameters as initialised
@@ -343,7 +343,9 @@ def test_prompt_train_step_on_a_sharded_mesh():
   mesh = parallel.make_mesh(config.mesh)
   parts = train.default_parts(config)
   schedule = ts.make_schedule(config.optim, 10)
-  tx = optax.chain(optax.trace(decay=0.0), ts.make_optimizer(config.optim, schedule))
+  # optax.trace keeps the step's raw gradient in the optimizer state; plain SGD compiles
+  # faster than AdamW and the step's logic is the same.
+  tx = optax.chain(optax.trace(decay=0.0), optax.sgd(config.optim.learning_rate))
   plan = ts.plan_train_state(parts.model_fn, tx, mesh, config.sharding_rules, 0,
                              config.train.rng_impl)
   step = ts.jit_train_step(
@@ -383,8 +385,9 @@ def test_init_from_a_prompt_free_checkpoint_keeps_new_layers_fresh(tmp_path):
   config = _tiny_config()
   config.model.depth = 1
   config.prompt.name = ''
-  mesh = parallel.make_mesh(config.mesh)
-  tx = ts.make_optimizer(config.optim, ts.make_schedule(config.optim, 10))
+  mesh = jax.make_mesh((1, 1, 1), parallel.MESH_AXES, devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  tx = optax.sgd(config.optim.learning_rate)  # the weights alone matter here
   make_plan = lambda c: ts.plan_train_state(lambda rngs: build.build_model(c, rngs=rngs), tx,
                                             mesh, c.sharding_rules, 0)
   old = make_plan(config).init()
