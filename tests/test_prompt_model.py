@@ -335,6 +335,7 @@ def test_unimo_configs_validate_and_build(variant):
   assert model.prompt_encoder.max_tokens == c.prompt.max_tokens
 
 
+@pytest.mark.slow  # two train-step compilations: ~7 s with a warm compilation cache, ~40-90 s cold
 def test_prompt_train_step_on_a_sharded_mesh():
   """One prompt-conditioned step (with the alignment loss) on a (2, 2, 2) mesh: the loss is the
   one-device loss, every prompt parameter gets a gradient, the labels the model sees are null."""
