@@ -275,3 +275,16 @@ def test_two_processes_stop_resume_and_score_like_one(scenes_data_dir, full_run,
     assert r['first'] == {} and r['shards_after_stop'] == ['shard_00000.npz']
   assert reports[0]['scores'] == reports[1]['scores']
   assert reports[0]['scores'] == pytest.approx(full_run[1], rel=1e-5)
+
+
+def test_the_scenes_network_trains_saves_and_loads(scenes_data_dir, tmp_path):
+  from mmgen_jax.models import scenes_features  # pylint: disable=g-import-not-at-top
+  config = _config(scenes_data_dir)
+  config.eval.gen.scenes_net.num_steps, config.eval.gen.scenes_net.batch_size = 2, 8
+  trained = scenes_features.train(config, str(tmp_path))
+  loaded, _ = scenes_features.load(str(tmp_path), config)
+  want = nnx.state(trained, nnx.Param)
+  got = nnx.state(loaded, nnx.Param)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got), strict=True):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()),
+                                  err_msg=str(path))

@@ -187,8 +187,8 @@ def train(config: ml_collections.ConfigDict, out_dir: str) -> ScenesFeatures:
   """Trains the networks on config.data.train_split and writes them to `out_dir`."""
   s = config.eval.gen.scenes_net
   seg = _segmentation_name(config)
-  net_config = net_config(config)
-  model = build(net_config, int(s.seed))
+  arch = net_config(config)
+  model = build(arch, int(s.seed))
   opt = nnx.Optimizer(model, optax.adamw(float(s.learning_rate), weight_decay=1e-4),
                       wrt=nnx.Param)
 
@@ -212,7 +212,7 @@ def train(config: ml_collections.ConfigDict, out_dir: str) -> ScenesFeatures:
   acc = evaluate_accuracy(model, config, config.data.eval_split)
   logging.info('scenes_features: %s accuracy %s', config.data.eval_split,
                {k: round(v, 3) for k, v in acc.items()})
-  save(model, out_dir, {**net_config, 'num_steps': num_steps, 'batch_size': int(s.batch_size),
+  save(model, out_dir, {**arch, 'num_steps': num_steps, 'batch_size': int(s.batch_size),
                         'learning_rate': float(s.learning_rate), 'seed': int(s.seed),
                         'train_seconds': round(time.time() - start, 1),
                         f'{config.data.eval_split}_accuracy': acc})
