@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.hidden_size = 256
   c.model.depth = 6
   c.model.num_heads = 4
+  c.objective.prediction = 'x0'       # clean-image prediction, as configs/tiny_cpu.py
 
   c.optim.learning_rate = 3e-4
   c.optim.warmup_steps = 250
