@@ -262,6 +262,10 @@ def _check_objective(config, num_devices, num_processes) -> Iterator[str]:
     yield from _at_least('objective.num_timesteps', o.num_timesteps, 1)
     yield from _in_range('objective.w_max', o.w_max, 0.0, 1.0)
     yield from _at_least('objective.decoder_weight', o.decoder_weight, 0.0)
+    if not 0.0 < o.label_t_max <= 1.0:  # the loss would refuse it only when it first runs
+      yield (f'config.objective.label_t_max={o.label_t_max} must be in (0, 1]: '
+             "objective.name='mt_elbo' trains its class heads at t <= label_t_max × "
+             f'objective.num_timesteps ({o.num_timesteps}).')
     try:
       mods = modalities_lib.from_config(config.modalities)
     except (ValueError, KeyError):
@@ -283,6 +287,16 @@ def _check_repa(config) -> Iterator[str]:
   if not m.repa_encoder_depth:
     yield (f'config.objective.repa_coeff={o.repa_coeff} needs the REPA projector: set '
            'config.model.repa_encoder_depth (1..depth) and repa_z_dim.')
+  d = config.data
+  if d.repa_encoder == 'dinov2' and not (d.repa_encoder_weights or '').strip():
+    # Else met late: by the cache job when it builds the encoder, by training as a cache
+    # identity mismatch (the cache names the encoder by its weights' SHA-256).
+    yield (f"config.data.repa_encoder='dinov2' (with config.objective.repa_coeff="
+           f'{o.repa_coeff}) needs config.data.repa_encoder_weights, which is empty: set it '
+           'to a local transformers directory of facebook/dinov2-small, -base or -large '
+           '(config.json + model.safetensors, e.g. from `huggingface-cli download '
+           'facebook/dinov2-base --local-dir dinov2-base`) whose width is '
+           f'config.model.repa_z_dim={m.repa_z_dim} (384, 768, 1024).')
   if aug.hflip or aug.crop_min_scale < 1.0:
     yield (f'config.objective.repa_coeff={o.repa_coeff}: the encoder features in the records '
            'are of the unaugmented image, so config.data.augment must be off '

@@ -274,3 +274,46 @@ def test_narrow_patch_counts_the_mt_diffusion_trunk_input():
   c.model.patch_size, c.model.hidden_size = 4, 64  # trunk input [z_t, encodings]: 2 × 3
   found = problems(c)
   assert any('4² × 6 = 96' in p for p in found), found
+
+
+# ---- REPA's DINOv2 encoder and MT-Diffusion's label pass ----------------------------------
+
+
+def _with_repa(c, coeff=0.5):
+  c.objective.repa_coeff = coeff
+  c.model.repa_encoder_depth, c.model.repa_z_dim = 2, 768
+  c.data.augment.hflip, c.data.augment.crop_min_scale = False, 1.0
+  c.data.repa_encoder = 'dinov2'
+  return c
+
+
+def test_dinov2_repa_encoder_without_weights_is_refused_naming_the_key():
+  found = problems(_with_repa(tiny()))
+  assert len(found) == 1, found
+  assert ("config.data.repa_encoder='dinov2' (with config.objective.repa_coeff=0.5) needs "
+          'config.data.repa_encoder_weights, which is empty' in found[0])
+  assert 'facebook/dinov2-' in found[0] and 'config.model.repa_z_dim=768' in found[0]
+  c = _with_repa(tiny())
+  c.data.repa_encoder_weights = 'dinov2-base/'  # a path: read (and checked) when built
+  assert config_validation.validate(c, num_devices=8, num_processes=1) == []
+  # Without the REPA loss the encoder never runs, so it needs no weights.
+  assert config_validation.validate(_with_repa(tiny(), coeff=0.0), num_devices=8,
+                                    num_processes=1) == []
+
+
+@pytest.mark.parametrize('value', [0.0, -0.1, 1.5])
+def test_mt_elbo_label_t_max_outside_0_1_is_refused_naming_the_key(value):
+  c = parse(f'--config={os.path.join(REPO, "configs", "mt_diffusion.py")}')
+  c.objective.label_t_max = value
+  assert problems(c) == [f'config.objective.label_t_max={value} must be in (0, 1]: '
+                         "objective.name='mt_elbo' trains its class heads at t <= label_t_max "
+                         '× objective.num_timesteps (1000).']
+
+
+def test_label_t_max_bounds_and_other_objectives():
+  c = parse(f'--config={os.path.join(REPO, "configs", "mt_diffusion.py")}')
+  c.objective.label_t_max = 1.0  # every time step: allowed
+  assert config_validation.validate(c, num_devices=8, num_processes=1) == []
+  c = tiny()  # the decoupled objective has no label pass and does not read it
+  c.objective.label_t_max = 0.0
+  assert config_validation.validate(c, num_devices=8, num_processes=1) == []
