@@ -204,20 +204,36 @@ def _data_config(repa_coeff=0.5):
   return c
 
 
-def test_pipeline_passes_the_features_through():
+def test_training_batches_carry_each_record_s_features():
   records = _records(4, lambda i: np.full((TOKENS, Z), i, np.float32))
-  batch = next(pipeline.make_iterator(_data_config(), 'train', train=False, source=records))
-  assert batch['repa_features'].shape == (2, TOKENS, Z)
-  np.testing.assert_array_equal(batch['repa_features'][:, 0, 0], [0, 1])
+  it = pipeline.make_iterator(_data_config(), 'train', train=True, source=records)
+  for _ in range(2):  # the whole (shuffled) split
+    batch = next(it)
+    assert batch['repa_features'].shape == (2, TOKENS, Z)
+    np.testing.assert_array_equal(batch['repa_features'][:, 0, 0], batch['index'])
 
 
 def test_pipeline_names_a_bad_feature_record():
   records = _records(4, lambda i: np.zeros((TOKENS, Z), np.float32))
   records[1]['repa_features'] = np.zeros((TOKENS * Z,), np.float32)
-  it = pipeline.make_iterator(_data_config(), 'train', train=False, source=records)
+  it = pipeline.make_iterator(_data_config(), 'train', train=True, source=records)
   with pytest.raises(pipeline.BadRecordError, match=r"train\[1\], field 'repa_features': "
                                                     r'expected float \(tokens, dim\)'):
-    next(it)
+    for _ in range(2):  # the split, in its shuffled order
+      next(it)
+
+
+def test_evaluation_batches_leave_the_features_unread_with_the_repa_loss_on():
+  # Evaluation never reads them: a large array not to decode, batch or send to devices.
+  records = _records(5, lambda i: np.full((TOKENS, Z), i, np.float32))
+  records[3]['repa_features'] = np.zeros((TOKENS * Z,), np.float32)  # would be refused if read
+  batches = list(pipeline.make_iterator(_data_config(repa_coeff=0.5), 'validation', train=False,
+                                        source=records))
+  assert len(batches) == 3 and [b['valid'].sum() for b in batches] == [2, 2, 1]
+  for batch in batches:
+    assert 'repa_features' not in batch, sorted(batch)
+    assert batch['rgb'].shape == (2, RES, RES, 3)
+  assert all('repa_features' in r for r in records)  # the records themselves are untouched
 
 
 def test_without_the_repa_loss_the_features_are_left_unread():

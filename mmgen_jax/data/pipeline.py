@@ -26,8 +26,9 @@ A batch is a dict of numpy arrays with the per-process batch size leading:
     <class modality>       int32 (B,)
     label                  int32 (B,) the class condition, from config.data.class_field
     intrinsics             float32 (B, 3, 3) updated for crop/flip (if the records have them)
-    repa_features          float32 (B, T, z) frozen-encoder tokens (if the records have them
-                           and config.objective.repa_coeff > 0; else left unread)
+    repa_features          float32 (B, T, z) frozen-encoder tokens: training batches only, if
+                           the records have them and config.objective.repa_coeff > 0 (else,
+                           and always in evaluation, left unread)
     index                  int32 (B,) record index in its split (provenance)
     valid                  bool (B,) evaluation only: False marks padding (see make_dataset)
     prompt_tokens, ...     prompt records only (data/prompts.py, field_specs): the prompt of
@@ -723,9 +724,11 @@ def make_dataset(config: Any, split: str, *, train: bool, process_index: int | N
     source = cache.source() if source is None else source
   source = make_source(config, split) if source is None else source
 
-  # Frozen-encoder tokens (0.79 MB a record at ImageNet-256) serve the REPA loss alone.
-  drop = () if cache is not None or config.objective.repa_coeff > 0 else (
-      modalities_lib.REPA_FEATURES,)
+  # Frozen-encoder tokens (0.79 MB a record at ImageNet-256) serve the REPA training loss
+  # alone: evaluation never reads them, so they are not decoded, batched or sent to devices.
+  # (A cache's records are bytes, parsed by its own field list, which drops them at coeff 0.)
+  wanted = train and (cache is not None or config.objective.repa_coeff > 0)
+  drop = () if wanted else (modalities_lib.REPA_FEATURES,)
   ds = grain.MapDataset.source(_IndexedSource(source, split, drop))
   num_records = len(ds)
   shard = shard_indices(num_records, process_index, process_count)
