@@ -72,6 +72,13 @@ Fréchet distances of the generated modalities (generation_eval's feature path):
 
 `--ceiling` prints the same scores of the ground-truth renders instead (what object
 finding and the classifier lose when the images are perfect).
+
+`--grid=PATH` writes a picture instead (prompt_grid.write_grid): `--num_grid` prompts
+of validation scenes with 1 .. 4 entities given as images, each above the RGB,
+depth, normals and segmentation generated from it and its true scene:
+
+  python -m mmgen_jax.prompt_eval --config=configs/unimo_scenes32.py:tiny \
+      --workdir=/tmp/unimo_tiny --grid=/tmp/unimo_tiny/prompt_grid.png
 """
 
 from __future__ import annotations
@@ -786,6 +793,12 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  if f.grid:
+    from mmgen_jax import prompt_grid  # pylint: disable=g-import-not-at-top
+    prompt_grid.write_grid(f.config, f.workdir, f.grid, num=f.num_grid, kind=f.kind,
+                           truth=f.grid_truth)
+    print(f'wrote {f.grid}')
+    return
   if f.ceiling:
     records = scene_records(range(VALIDATION_SEEDS, VALIDATION_SEEDS + f.num_prompts),
                             f.resolution, kind=f.kind, with_scene=True)
@@ -823,4 +836,11 @@ if __name__ == '__main__':
   flags.DEFINE_bool('ceiling', False, 'Print the scores of the ground-truth renders instead '
                     '(oracle, and --classifier if given); no model.')
   flags.DEFINE_integer('resolution', 32, 'With --ceiling: the render resolution.')
+  flags.DEFINE_string('grid', None, 'Write the prompt grid (PNG) of the model here instead of '
+                      'evaluating: each column a prompt (words and entity images), the '
+                      'generated modalities, the ground truth (prompt_grid.write_grid).')
+  flags.DEFINE_integer('num_grid', 8, 'With --grid: prompts (columns), with 1, 2, 3, 4 entities '
+                       'given as images (--kind).')
+  flags.DEFINE_list('grid_truth', ['rgb'], "With --grid: ground-truth rows ('true/<modality>'); "
+                    'empty for none.')
   app.run(main)

@@ -119,23 +119,59 @@ def _mt_diffusion_fn(config: ml_collections.ConfigDict) -> Callable[[nnx.Rngs], 
                                         spatial=(side, side), rngs=rngs)
 
 
-def make_sample_fn(config: ml_collections.ConfigDict, codec_on: Callable | None = None
+def held_out_records(config: ml_collections.ConfigDict, n: int,
+                     source: Any = None) -> dict[str, np.ndarray]:
+  """The first n records of config.data.eval_split as evaluation reads them (fixed
+  order and prompt kinds; the same on every process), without the padding of its last
+  batch: fewer than n when the split holds fewer (logged). `source` replaces the
+  TFDS source (tests)."""
+  from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  split = config.data.eval_split
+  it = pipeline.make_iterator(config, split, train=False, process_index=0, process_count=1,
+                              source=source)
+  parts, count = [], 0
+  for batch in it:
+    size = len(next(v for v in batch.values() if np.ndim(v)))
+    arrays = {k: np.asarray(v) for k, v in batch.items()
+              if not k.startswith('_') and np.ndim(v) and len(v) == size}
+    keep = arrays.pop('valid', np.ones(size, bool)).astype(bool)  # padding repeats a record
+    parts.append({k: v[keep] for k, v in arrays.items()})
+    count += int(keep.sum())
+    if count >= n:
+      break
+  if not count:
+    raise ValueError(f'split {split!r} of {config.data.name!r} has no valid record to show in '
+                     'the sample grids.')
+  if count < n:
+    logging.warning('Split %r holds %d records: grids of held-out records show %d columns, '
+                    'not config.sample.num_images=%d.', split, count, count, n)
+  return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+
+
+def make_sample_fn(config: ml_collections.ConfigDict, codec_on: Callable | None = None, *,
+                   eval_source: Any = None
                    ) -> Callable[[nnx.Module, jax.Array], dict[str, np.ndarray]]:
-  """Sample grids: joint generation from class labels, and understanding from RGB.
+  """Sample grids: joint generation from class labels or prompts, and understanding from RGB.
 
   Each grid has one labelled row per modality (depth as a colour map, normals
   as RGB, segmentation in its palette colours); tiles are enlarged to at least
-  64 pixels. The RGB inputs for understanding are the first validation images,
-  the same on every process; their grid shows the input, then the predictions
-  ('pred/…'), then the truths ('true/…'). With a latent codec the samples are
-  latents, decoded for the grids (`codec_on(mesh)` shares the training run's VAE).
+  64 pixels. The RGB inputs for understanding are the first validation records
+  (`held_out_records`: at most config.sample.num_images, the same on every
+  process); their grid shows the input, then the predictions ('pred/…'), then the
+  truths ('true/…'). A prompt model (config.prompt.name) generates from the
+  prompts of the same records instead of class labels, with config.sample's
+  prompt guidance: its 'prompt' grid (prompt_grid.make_prompt_grid) shows each
+  prompt (words and entity images) above what it generated. With a latent codec
+  the samples are latents, decoded for the grids (`codec_on(mesh)` shares the
+  training run's VAE). `eval_source` replaces the validation records' TFDS source.
   """
+  from mmgen_jax import prompt_grid  # pylint: disable=g-import-not-at-top
   from mmgen_jax import visualize  # pylint: disable=g-import-not-at-top
-  from mmgen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   mods = modalities_lib.from_config(config.modalities)
   images = modalities_lib.images(mods)
   n, res = int(config.sample.num_images), int(config.data.resolution)
   num_classes = int(config.data.num_classes)
+  prompted = bool(config.get('prompt') and config.prompt.get('name'))
   grid = functools.partial(visualize.make_grid, scale=max(1, -(-64 // res)), labels=True)
   cache = {}
 
@@ -147,9 +183,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, codec_on: Callable | None 
 
   def held_out() -> dict[str, np.ndarray]:
     if 'batch' not in cache:
-      it = pipeline.make_iterator(config, config.data.eval_split, train=False,
-                                  process_index=0, process_count=1)
-      cache['batch'] = {k: np.asarray(v)[:n] for k, v in next(it).items()}
+      cache['batch'] = held_out_records(config, n, eval_source)
     return cache['batch']
 
   def rows(arrays: Mapping[str, Any], prefix: str = '') -> dict[str, np.ndarray]:
@@ -157,20 +191,39 @@ def make_sample_fn(config: ml_collections.ConfigDict, codec_on: Callable | None 
                                                        m.palette)
             for m in images if m.name in arrays}
 
+  def sample_prompted(model, rng, codec, kw) -> np.ndarray:
+    from mmgen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
+    from mmgen_jax.models import prompt_encoder  # pylint: disable=g-import-not-at-top
+    ref = held_out()
+    prompt = prompt_encoder.from_batch(ref)
+    if prompt is None:
+      raise ValueError(f'config.prompt.name={config.prompt.name!r} but the records of split '
+                       f'{config.data.eval_split!r} hold no prompt (keys: {sorted(ref)}).')
+    out = codec.decode(samplers.sample(
+        model, rng, shape=codec.model_shape(len(prompt.tokens), res), y=None, prompt=prompt,
+        **{**kw, 'cfg_scale': 1.0}, **samplers.prompt_settings_from_config(config)))
+    return prompt_grid.make_prompt_grid(ref, rows(out), prompt_grid.tile_scale(res))
+
   def sample_decoupled(model, rng) -> dict[str, np.ndarray]:
     from mmgen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
     codec = (codec_on or current_codec)(None)
-    kw = dict(mods=mods, shape=codec.model_shape(n, res), channels=codec.model_channels(),
-              num_classes=num_classes, **samplers.settings_from_config(config))
+    kw = dict(mods=mods, channels=codec.model_channels(), num_classes=num_classes,
+              **samplers.settings_from_config(config))
     k_joint, k_cond, k_enc = jax.random.split(rng, 3)
-    y = np.arange(n, dtype=np.int32) % num_classes
-    grids = {'joint': grid(rows(codec.decode(samplers.sample(model, k_joint, y=y, **kw))))}
+    if prompted:
+      grids = {'prompt': sample_prompted(model, k_joint, codec, kw)}
+    else:
+      y = np.arange(n, dtype=np.int32) % num_classes
+      grids = {'joint': grid(rows(codec.decode(samplers.sample(
+          model, k_joint, y=y, shape=codec.model_shape(n, res), **kw))))}
     first = images[0].name
     if len(images) > 1:
       ref = held_out()
+      num_ref = len(ref[first])  # fewer than n when the split holds fewer
       cond = codec.encode({first: ref[first]}, k_enc)
-      out = codec.decode(samplers.sample(model, k_cond, y=np.full((n,), num_classes, np.int32),
-                                         condition=cond, **kw))
+      out = codec.decode(samplers.sample(
+          model, k_cond, y=np.full((num_ref,), num_classes, np.int32),
+          shape=codec.model_shape(num_ref, res), condition=cond, **kw))
       given = rows({first: ref[first]}, 'input/')
       truth = rows({m.name: ref[m.name] for m in images[1:]}, 'true/')
       pred = rows({m.name: out[m.name] for m in images[1:]}, 'pred/')
