@@ -81,6 +81,7 @@ from absl import logging
 import numpy as np
 import PIL.Image
 
+from mmgen_jax.data import atomic_io
 from mmgen_jax.data import encodings
 from mmgen_jax.data import geometric_normals
 from mmgen_jax.data import labelers
@@ -419,35 +420,8 @@ def _shard_state(opts: Options, k: int) -> str:
   return os.path.join(_state_dir(opts), f'{opts.split}-{k:05d}.json')
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def _read_json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return None
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def differences(written: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-  a, b = _flat(written), _flat(wanted)
-  return [f'{k}: {a.get(k, "<absent>")!r} in the output, {b.get(k, "<absent>")!r} now'
-          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return atomic_io.differences(written, wanted, '{key}: {written} in the output, {wanted} now')
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -589,7 +563,7 @@ def _write_shard(inp, k: int, num_shards: int, experts: Mapping[str, Any], opts:
   writer.close()
   os.replace(tmp, final)
   summary.written += count
-  _write_json_atomic(_shard_state(opts, k), {
+  atomic_io.write_json(_shard_state(opts, k), {
       'format': FORMAT, 'shard': k, 'inputs': [start, stop], 'count': count,
       'num_bytes': os.path.getsize(final), 'skipped': skipped,
       'seconds': round(time.perf_counter() - t0, 3)})
@@ -608,7 +582,7 @@ def identity(opts: Options, inp, experts: Mapping[str, Any], num_shards: int) ->
 def _finished_shards(opts: Options, num_shards: int) -> dict[int, dict[str, Any]]:
   done = {}
   for k in range(num_shards):
-    state = _read_json(_shard_state(opts, k))
+    state = atomic_io.read_json(_shard_state(opts, k))
     final = os.path.join(dataset_dir(opts), shard_file(opts, k, num_shards))
     if state is not None and os.path.exists(final):
       done[k] = state
@@ -623,7 +597,7 @@ def write_metadata(opts: Options) -> list[str]:
   for f in sorted(os.listdir(_state_dir(opts))):
     if f.endswith('.json') and '-' not in f:
       split = f[:-len('.json')]
-      ident_s = _read_json(os.path.join(_state_dir(opts), f))
+      ident_s = atomic_io.read_json(os.path.join(_state_dir(opts), f))
       n = int(ident_s['num_shards'])
       done = _finished_shards(dataclasses.replace(opts, split=split), n)
       if len(done) < n:
@@ -684,7 +658,7 @@ def run(opts: Options, experts: Mapping[str, Any], *, barrier: Callable[[], None
 
   ident = identity(opts, inp, experts, num_shards)
   ident_path = os.path.join(_state_dir(opts), f'{opts.split}.json')
-  written = _read_json(ident_path)
+  written = atomic_io.read_json(ident_path)
   if written is not None:
     diff = differences(written, ident)
     if diff:
@@ -692,7 +666,7 @@ def run(opts: Options, experts: Mapping[str, Any], *, barrier: Callable[[], None
                            'settings (use another --out, --name or --split, or delete it):\n  '
                            + '\n  '.join(diff))
   else:
-    _write_json_atomic(ident_path, ident)
+    atomic_io.write_json(ident_path, ident)
   provenance = json.dumps({'experts': ident['experts'], 'labeller': FORMAT}, sort_keys=True)
 
   mine = [k for k in range(num_shards) if k % opts.process_count == opts.process_index]
@@ -736,7 +710,7 @@ def run(opts: Options, experts: Mapping[str, Any], *, barrier: Callable[[], None
 
 def summary_counts(opts: Options) -> dict[str, Any]:
   """Counts over every finished shard of the split (all processes): written, skipped by reason."""
-  ident = _read_json(os.path.join(_state_dir(opts), f'{opts.split}.json'))
+  ident = atomic_io.read_json(os.path.join(_state_dir(opts), f'{opts.split}.json'))
   if ident is None:
     raise LabellingError(f'no labelling of split {opts.split!r} in {dataset_dir(opts)}.')
   done = _finished_shards(opts, int(ident['num_shards']))

@@ -80,6 +80,7 @@ import numpy as np
 
 from mmgen_jax import codec as codec_lib
 from mmgen_jax import modalities as modalities_lib
+from mmgen_jax.data import atomic_io
 
 FORMAT = 'mmgen_latent_cache/1'
 MANIFEST = 'manifest.json'
@@ -311,21 +312,10 @@ def identity(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
   }
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 def differences(written: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
   """'key: cache has X, config has Y' for every leaf that differs."""
-  a, b = _flat(written), _flat(wanted)
-  return [f'{k}: the cache has {a.get(k, "<absent>")!r}, the config has {b.get(k, "<absent>")!r}'
-          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return atomic_io.differences(written, wanted,
+                               '{key}: the cache has {written}, the config has {wanted}')
 
 
 # ---- the manifest ----------------------------------------------------------------------
@@ -335,21 +325,8 @@ def shard_name(split: str, k: int, num_shards: int) -> str:
   return f'{split}-{k:05d}-of-{num_shards:05d}.array_record'
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def read_manifest(directory: str) -> dict[str, Any] | None:
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return atomic_io.read_json(os.path.join(directory, MANIFEST))
 
 
 def check_identity(manifest: Mapping[str, Any], wanted: Mapping[str, Any], directory: str,
@@ -528,17 +505,16 @@ def _write_shard(config, source, split: str, k: int, num_shards: int, shard_size
   os.replace(tmp, final)
   info = {'file': name, 'first_index': indices.start, 'source_records': len(indices),
           'records': written, 'skipped': skipped, 'fields': fields}
-  _write_json_atomic(final + '.json', info)
+  atomic_io.write_json(final + '.json', info)
   progress.add(0, force=True)
   return info
 
 
 def _finished(out_dir: str, name: str) -> dict[str, Any] | None:
   path = os.path.join(out_dir, name)
-  if not (os.path.exists(path) and os.path.exists(path + '.json')):
+  if not os.path.exists(path):
     return None
-  with open(path + '.json') as f:
-    return json.load(f)
+  return atomic_io.read_json(path + '.json')
 
 
 def _barrier(name: str) -> None:
@@ -598,7 +574,7 @@ def build(config: ml_collections.ConfigDict, out_dir: str, *, split: str | None 
       logging.info('latent cache %s is complete (%d records).', out_dir, manifest['num_records'])
       return manifest
   elif jax.process_index() == 0:
-    _write_json_atomic(os.path.join(out_dir, MANIFEST),
+    atomic_io.write_json(os.path.join(out_dir, MANIFEST),
                        {'identity': wanted, 'layout': layout, 'complete': False})
   _barrier('mmgen_latent_cache_started')
 
@@ -648,7 +624,7 @@ def build(config: ml_collections.ConfigDict, out_dir: str, *, split: str | None 
               'skipped': skipped, 'shards': [{k: s[k] for k in ('file', 'first_index',
                                                                 'source_records', 'records')}
                                              for s in shards]}
-  _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+  atomic_io.write_json(os.path.join(out_dir, MANIFEST), manifest)
   if skipped:
     logging.warning('latent cache: %d bad records skipped, e.g. %s', len(skipped),
                     skipped[0]['where'])

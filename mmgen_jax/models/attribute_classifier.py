@@ -27,7 +27,6 @@ size, vocabularies and the held-out accuracies) and prints the accuracies.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -42,9 +41,10 @@ import optax
 
 from mmgen_jax.data import prompts
 from mmgen_jax.data import scenes
+from mmgen_jax.models import param_files
 
-WEIGHTS = 'weights.safetensors'
-META = 'config.json'
+WEIGHTS = param_files.WEIGHTS
+META = param_files.META
 VAL_SEED_OFFSET = 1_000_000_000   # the scenes dataset's validation seeds
 IN_CHANNELS = 4                   # masked RGB + mask
 FIRST_OBJECT = 3                  # instance id of object 0 (scenes.render_scene)
@@ -309,15 +309,7 @@ def train(out_dir: str | None, *, resolution: int = 32, num_scenes: int = 8000,
 
 def save(model: AttributeCNN, out_dir: str, meta: Mapping[str, Any]) -> None:
   """Weights (safetensors) and `meta` (json); each file written whole, then renamed."""
-  from safetensors.numpy import save as save_bytes  # pylint: disable=g-import-not-at-top
-  d = epath.Path(out_dir)
-  d.mkdir(parents=True, exist_ok=True)
-  flat = {'/'.join(map(str, p)): np.asarray(v.get_value())
-          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  for name, data in ((WEIGHTS, save_bytes(flat)), (META, json.dumps(meta, indent=1).encode())):
-    tmp = d / f'{name}.tmp'
-    tmp.write_bytes(data)
-    tmp.replace(d / name)
+  param_files.save(model, out_dir, meta)
 
 
 def load(out_dir: str, *, check_vocabularies: bool = True
@@ -327,33 +319,17 @@ def load(out_dir: str, *, check_vocabularies: bool = True
   With check_vocabularies, the SHAPES and COLOURS it was trained on must be today's
   (ids index them).
   """
-  from safetensors.numpy import load as load_bytes  # pylint: disable=g-import-not-at-top
-  d = epath.Path(out_dir)
-  if not (d / WEIGHTS).exists() or not (d / META).exists():
-    raise FileNotFoundError(f'{d}: no {WEIGHTS} + {META}; train the classifier with python -m '
-                            'mmgen_jax.models.attribute_classifier --out=DIR')
-  meta = json.loads((d / META).read_text())
+  meta = param_files.read_meta(out_dir, 'train the classifier with python -m '
+                               'mmgen_jax.models.attribute_classifier --out=DIR')
   if check_vocabularies:
+    d = epath.Path(out_dir)
     shapes, colours = vocabularies()
     if (tuple(meta['shapes']), tuple(meta['colours'])) != (shapes, colours):
       raise ValueError(f'{d / META}: trained on shapes {meta["shapes"]} and colours '
                        f'{meta["colours"]}; prompts now has {list(shapes)} and {list(colours)}. '
                        'Retrain the classifier.')
-  raw = (d / WEIGHTS).read_bytes()
-  tensors = load_bytes(raw)
-  model = build(meta)
-  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  keys = {'/'.join(map(str, p)): p for p in flat}
-  if set(keys) != set(tensors):
-    raise ValueError(f'{d / WEIGHTS}: tensors {sorted(set(tensors) ^ set(keys))[:8]} do not '
-                     f'match the architecture in {META}.')
-  for k, p in keys.items():
-    if tuple(tensors[k].shape) != tuple(flat[p].shape):
-      raise ValueError(f'{d / WEIGHTS}: {k} has shape {tensors[k].shape}; expected '
-                       f'{tuple(flat[p].shape)}.')
-    flat[p] = flat[p].replace(jnp.asarray(tensors[k]))
-  nnx.update(model, nnx.from_flat_state(flat))
-  return model, meta, hashlib.sha256(raw).hexdigest()[:12]
+  model, fingerprint = param_files.load(out_dir, build, meta)
+  return model, meta, fingerprint
 
 
 def main(argv: Sequence[str]) -> None:

@@ -32,7 +32,6 @@ channel-shuffled copies).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from typing import Any, Mapping, Sequence
@@ -48,10 +47,11 @@ import optax
 
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax.data import scenes
+from mmgen_jax.models import param_files
 
 DIRNAME = 'scenes_features'
-WEIGHTS = 'weights.safetensors'
-META = 'config.json'
+WEIGHTS = param_files.WEIGHTS
+META = param_files.META
 NUM_SEMANTIC = len(scenes.SEMANTIC_CLASSES)
 
 
@@ -221,26 +221,15 @@ def train(config: ml_collections.ConfigDict, out_dir: str) -> ScenesFeatures:
 
 def save(model: ScenesFeatures, out_dir: str, meta: Mapping[str, Any]) -> None:
   """Weights (safetensors) and `meta` (json); each file written whole, then renamed."""
-  from safetensors.numpy import save as save_bytes  # pylint: disable=g-import-not-at-top
-  d = epath.Path(out_dir)
-  d.mkdir(parents=True, exist_ok=True)
-  flat = {'/'.join(map(str, p)): np.asarray(v.get_value())
-          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  for name, data in ((WEIGHTS, save_bytes(flat)), (META, json.dumps(meta, indent=1).encode())):
-    tmp = d / f'{name}.tmp'
-    tmp.write_bytes(data)
-    tmp.replace(d / name)
+  param_files.save(model, out_dir, meta)
 
 
 def load(out_dir: str, config: ml_collections.ConfigDict | None = None
          ) -> tuple[ScenesFeatures, str]:
   """(model, fingerprint) from `out_dir`; with `config`, checks it fits the config's data."""
-  from safetensors.numpy import load as load_bytes  # pylint: disable=g-import-not-at-top
+  meta = param_files.read_meta(out_dir, 'train the network with python -m '
+                               'mmgen_jax.models.scenes_features --config=... --workdir=...')
   d = epath.Path(out_dir)
-  if not (d / WEIGHTS).exists() or not (d / META).exists():
-    raise FileNotFoundError(f'{d}: no {WEIGHTS} + {META}; train the network with python -m '
-                            'mmgen_jax.models.scenes_features --config=... --workdir=...')
-  meta = json.loads((d / META).read_text())
   if config is not None:
     want = net_config(config)
     diff = {k: (meta.get(k), v) for k, v in want.items()
@@ -249,21 +238,7 @@ def load(out_dir: str, config: ml_collections.ConfigDict | None = None
       raise ValueError(f'{d}: the scenes feature network was trained for another setup '
                        f'(key: (trained, configured)): {diff}. Retrain it or point '
                        'config.eval.gen.scenes_features elsewhere.')
-  raw = (d / WEIGHTS).read_bytes()
-  tensors = load_bytes(raw)
-  model = build(meta)
-  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  keys = {'/'.join(map(str, p)): p for p in flat}
-  if set(keys) != set(tensors):
-    raise ValueError(f'{d / WEIGHTS}: tensors {sorted(set(tensors) ^ set(keys))[:8]} do not '
-                     f'match the architecture in {META}.')
-  for k, p in keys.items():
-    if tuple(tensors[k].shape) != tuple(flat[p].shape):
-      raise ValueError(f'{d / WEIGHTS}: {k} has shape {tensors[k].shape}; expected '
-                       f'{tuple(flat[p].shape)}.')
-    flat[p] = flat[p].replace(jnp.asarray(tensors[k]))
-  nnx.update(model, nnx.from_flat_state(flat))
-  return model, hashlib.sha256(raw).hexdigest()[:12]
+  return param_files.load(out_dir, build, meta)
 
 
 def default_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
