@@ -22,16 +22,13 @@ module registers the builder. A pipeline reads it with
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import multiprocessing
 import multiprocessing.pool
 import os
 from typing import Any, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 
 from mmgen_jax.data import prompts
 from mmgen_jax.data import scenes
@@ -146,16 +143,9 @@ class MmgenPrompts(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     args = [(tfds_scenes.seed_for(split, i), c.resolution, c.max_tokens, c.entity_tokens,
              c.entity_size) for i in range(num)]
-    bar = tqdm.tqdm(total=num, desc=f'{c.name} {split}', unit='img',
-                    disable=not self.show_progress)
-    if self.render_pool is not None:
-      examples = self.render_pool.imap(_render_args, args, chunksize=16)  # ordered
-    else:
-      examples = (_render_args(a) for a in args)
-    with bar:
-      for index, example in enumerate(examples):
-        bar.update()
-        yield index, example
+    yield from tfds_scenes.rendered_examples(_render_args, args, pool=self.render_pool,
+                                             desc=f'{c.name} {split}',
+                                             show_progress=self.show_progress)
 
 
 def get_config(name: str) -> PromptsConfig:
@@ -192,14 +182,5 @@ def make_builder(config: str | PromptsConfig, data_dir: str | None) -> MmgenProm
 def build(config: str | PromptsConfig, data_dir: str, *, render_workers: int = 0,
           show_progress: bool = False) -> MmgenPrompts:
   """Renders and writes `config` under `data_dir` (reused if already built)."""
-  builder = make_builder(config, data_dir)
-  builder.show_progress = show_progress
-  with contextlib.ExitStack() as stack:
-    if render_workers > 0 and not builder.is_prepared():
-      pool = multiprocessing.get_context('spawn').Pool(render_workers)  # TF and fork don't mix
-      builder.render_pool = stack.enter_context(pool)
-    builder.download_and_prepare(
-        file_format=FILE_FORMAT,
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  builder.render_pool = None
-  return builder
+  return tfds_scenes.prepare(make_builder(config, data_dir), render_workers=render_workers,
+                             show_progress=show_progress)

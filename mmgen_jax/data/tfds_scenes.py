@@ -21,7 +21,7 @@ import io
 import multiprocessing
 import multiprocessing.pool
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import PIL.Image
@@ -33,6 +33,8 @@ from mmgen_jax.data import scenes
 NAME = 'mmgen_scenes'
 FILE_FORMAT = tfds.core.FileFormat.ARRAY_RECORD
 SPLIT_SEED_OFFSETS = {'train': 0, 'validation': 1_000_000_000}
+
+B = TypeVar('B', bound=tfds.core.GeneratorBasedBuilder)
 
 
 @dataclasses.dataclass
@@ -121,6 +123,26 @@ def _render_args(args: tuple[int, int]) -> dict[str, Any]:
   return render_example(*args)
 
 
+def rendered_examples(render: Callable[[Any], dict[str, Any]], args: Sequence[Any], *,
+                      pool: multiprocessing.pool.Pool | None, desc: str, show_progress: bool
+                      ) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(i, render(args[i])) for every i in order: what a rendering builder's
+  `_generate_examples` yields.
+
+  With `pool`, the renders run in its processes (`render` must then be a module-level
+  function, to be pickled), ordered as `args`; without, here. A tqdm bar named `desc`
+  counts them if `show_progress`.
+  """
+  if pool is not None:
+    examples = pool.imap(render, args, chunksize=16)  # ordered
+  else:
+    examples = (render(a) for a in args)
+  with tqdm.tqdm(total=len(args), desc=desc, unit='img', disable=not show_progress) as bar:
+    for index, example in enumerate(examples):
+      bar.update()
+      yield index, example
+
+
 class MmgenScenes(tfds.core.GeneratorBasedBuilder):
   """Procedural 3D scenes with RGB, depth, normals, segmentation and a scene class."""
 
@@ -152,18 +174,10 @@ class MmgenScenes(tfds.core.GeneratorBasedBuilder):
             for split, n in self.builder_config.split_sizes().items()}
 
   def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    resolution = self.builder_config.resolution
-    args = [(seed_for(split, i), resolution) for i in range(num)]
-    bar = tqdm.tqdm(total=num, desc=f'{self.builder_config.name} {split}', unit='img',
-                    disable=not self.show_progress)
-    if self.render_pool is not None:
-      examples = self.render_pool.imap(_render_args, args, chunksize=16)  # ordered
-    else:
-      examples = (_render_args(a) for a in args)
-    with bar:
-      for index, example in enumerate(examples):
-        bar.update()
-        yield index, example
+    c = self.builder_config
+    args = [(seed_for(split, i), c.resolution) for i in range(num)]
+    yield from rendered_examples(_render_args, args, pool=self.render_pool,
+                                 desc=f'{c.name} {split}', show_progress=self.show_progress)
 
 
 def get_config(name: str) -> ScenesConfig:
@@ -195,7 +209,13 @@ def make_builder(config: str | ScenesConfig, data_dir: str | None) -> MmgenScene
 def build(config: str | ScenesConfig, data_dir: str, *, render_workers: int = 0,
           show_progress: bool = False) -> MmgenScenes:
   """Renders and writes `config` under `data_dir` (reused if already built); no Beam needed."""
-  builder = make_builder(config, data_dir)
+  return prepare(make_builder(config, data_dir), render_workers=render_workers,
+                 show_progress=show_progress)
+
+
+def prepare(builder: B, *, render_workers: int, show_progress: bool) -> B:
+  """Writes `builder`'s records (a rendering builder: `render_pool` and `show_progress`
+  attributes), rendered by `render_workers` processes (0: in this one); returns it."""
   builder.show_progress = show_progress
   with contextlib.ExitStack() as stack:
     if render_workers > 0 and not builder.is_prepared():
