@@ -23,9 +23,7 @@ module registers the builder. A pipeline reads it with
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing.pool
-import os
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -39,17 +37,11 @@ FILE_FORMAT = tfds_scenes.FILE_FORMAT
 
 
 @dataclasses.dataclass
-class PromptsConfig(tfds.core.BuilderConfig):
-  """Resolution, split sizes and the prompt sizes L, R, S."""
-  resolution: int = 32
-  train_size: int = 2_000
-  val_size: int = 200
+class PromptsConfig(tfds_scenes.ScenesConfig):
+  """Resolution, split sizes (as mmgen_scenes) and the prompt sizes L, R, S."""
   max_tokens: int = 48
   entity_tokens: int = 4
   entity_size: int = 32
-
-  def split_sizes(self) -> dict[str, int]:
-    return {'train': self.train_size, 'validation': self.val_size}
 
 
 def custom_config(resolution: int, train_size: int, val_size: int, *, max_tokens: int = 48,
@@ -112,16 +104,13 @@ def _render_args(args: tuple[int, int, int, int, int]) -> dict[str, Any]:
   return render_example(*args)
 
 
-class MmgenPrompts(tfds.core.GeneratorBasedBuilder):
+class MmgenPrompts(tfds_scenes.RenderedSplits, tfds.core.GeneratorBasedBuilder):
   """Procedural scenes with captions, entity images, masks and spans."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = BUILDER_CONFIGS
   DEFAULT_CONFIG_NAME = 'res32_small'
-
-  render_pool: multiprocessing.pool.Pool | None = None
-  show_progress: bool = False
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -134,18 +123,10 @@ class MmgenPrompts(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True,
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager
-    return {split: self._generate_examples(split, n)
-            for split, n in self.builder_config.split_sizes().items()}
-
-  def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict[str, Any]]]:
+  def _render_jobs(self, split: str, num: int):
     c = self.builder_config
-    args = [(tfds_scenes.seed_for(split, i), c.resolution, c.max_tokens, c.entity_tokens,
-             c.entity_size) for i in range(num)]
-    yield from tfds_scenes.rendered_examples(_render_args, args, pool=self.render_pool,
-                                             desc=f'{c.name} {split}',
-                                             show_progress=self.show_progress)
+    return _render_args, [(tfds_scenes.seed_for(split, i), c.resolution, c.max_tokens,
+                           c.entity_tokens, c.entity_size) for i in range(num)]
 
 
 def get_config(name: str) -> PromptsConfig:
@@ -173,10 +154,7 @@ def get_config(name: str) -> PromptsConfig:
 def make_builder(config: str | PromptsConfig, data_dir: str | None) -> MmgenPrompts:
   """The builder of `config` (a name or a PromptsConfig) under `data_dir` (None: TFDS default)."""
   config = get_config(config) if isinstance(config, str) else config
-  registered = config.name in {c.name for c in BUILDER_CONFIGS}
-  data_dir = None if data_dir is None else os.fspath(data_dir)
-  return MmgenPrompts(config=config.name if registered else config, data_dir=data_dir,
-                      file_format=FILE_FORMAT)
+  return tfds_scenes.instantiate(MmgenPrompts, config, data_dir)
 
 
 def build(config: str | PromptsConfig, data_dir: str, *, render_workers: int = 0,

@@ -143,17 +143,41 @@ def rendered_examples(render: Callable[[Any], dict[str, Any]], args: Sequence[An
       yield index, example
 
 
-class MmgenScenes(tfds.core.GeneratorBasedBuilder):
+class RenderedSplits:
+  """The splits of a builder whose records are rendered, one per seed (no download).
+
+  Mixed into a GeneratorBasedBuilder (before it) whose config has `split_sizes()`;
+  the builder says what to render with `_render_jobs`. `prepare` sets the pool.
+  """
+
+  # Set by `prepare`: a pool of rendering processes (None = render here) and the progress bar.
+  render_pool: multiprocessing.pool.Pool | None = None
+  show_progress: bool = False
+
+  def _render_jobs(self, split: str, num: int
+                   ) -> tuple[Callable[[Any], dict[str, Any]], list[Any]]:
+    """(a module-level render function, its argument for each of the `num` records)."""
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # nothing to download: every record is rendered
+    return {split: self._generate_examples(split, n)
+            for split, n in self.builder_config.split_sizes().items()}
+
+  def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    render, args = self._render_jobs(split, num)  # here: at the first record, not before
+    yield from rendered_examples(render, args, pool=self.render_pool,
+                                 desc=f'{self.builder_config.name} {split}',
+                                 show_progress=self.show_progress)
+
+
+class MmgenScenes(RenderedSplits, tfds.core.GeneratorBasedBuilder):
   """Procedural 3D scenes with RGB, depth, normals, segmentation and a scene class."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = BUILDER_CONFIGS
   DEFAULT_CONFIG_NAME = 'res32_small'
-
-  # Set by `build`: a pool of rendering processes (None = render here) and the progress bar.
-  render_pool: multiprocessing.pool.Pool | None = None
-  show_progress: bool = False
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -168,16 +192,9 @@ class MmgenScenes(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True,  # record i of a split is the i-th seed of that split
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # nothing to download: every record is rendered
-    return {split: self._generate_examples(split, n)
-            for split, n in self.builder_config.split_sizes().items()}
-
-  def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    c = self.builder_config
-    args = [(seed_for(split, i), c.resolution) for i in range(num)]
-    yield from rendered_examples(_render_args, args, pool=self.render_pool,
-                                 desc=f'{c.name} {split}', show_progress=self.show_progress)
+  def _render_jobs(self, split: str, num: int):
+    return _render_args, [(seed_for(split, i), self.builder_config.resolution)
+                          for i in range(num)]
 
 
 def get_config(name: str) -> ScenesConfig:
@@ -198,12 +215,17 @@ def get_config(name: str) -> ScenesConfig:
 def make_builder(config: str | ScenesConfig, data_dir: str | None) -> MmgenScenes:
   """The builder of `config` (a name or a ScenesConfig) under `data_dir` (None: TFDS default)."""
   config = get_config(config) if isinstance(config, str) else config
+  return instantiate(MmgenScenes, config, data_dir)
+
+
+def instantiate(cls: type[B], config: tfds.core.BuilderConfig, data_dir: str | None) -> B:
+  """The builder `cls` of `config` under `data_dir` (None: TFDS default), ArrayRecord files."""
   # TFDS wants registered configs by name (a pickled copy of the object, as Grain's
   # worker processes receive it, would not be the registered one) and custom ones as objects.
-  registered = config.name in {c.name for c in BUILDER_CONFIGS}
+  registered = config.name in {c.name for c in cls.BUILDER_CONFIGS}
   data_dir = None if data_dir is None else os.fspath(data_dir)
-  return MmgenScenes(config=config.name if registered else config, data_dir=data_dir,
-                     file_format=FILE_FORMAT)
+  return cls(config=config.name if registered else config, data_dir=data_dir,
+             file_format=FILE_FORMAT)
 
 
 def build(config: str | ScenesConfig, data_dir: str, *, render_workers: int = 0,
@@ -214,8 +236,8 @@ def build(config: str | ScenesConfig, data_dir: str, *, render_workers: int = 0,
 
 
 def prepare(builder: B, *, render_workers: int, show_progress: bool) -> B:
-  """Writes `builder`'s records (a rendering builder: `render_pool` and `show_progress`
-  attributes), rendered by `render_workers` processes (0: in this one); returns it."""
+  """Writes the records of `builder` (a RenderedSplits one), rendered by `render_workers`
+  processes (0: in this one); returns it."""
   builder.show_progress = show_progress
   with contextlib.ExitStack() as stack:
     if render_workers > 0 and not builder.is_prepared():
