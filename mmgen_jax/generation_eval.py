@@ -71,6 +71,7 @@ from mmgen_jax import codec as codec_lib
 from mmgen_jax import metrics as metrics_lib
 from mmgen_jax import modalities as modalities_lib
 from mmgen_jax import parallel
+from mmgen_jax.data import atomic_io
 from mmgen_jax.data import palettes
 
 FEATURE_NETS = ('inception', 'scenes')
@@ -247,9 +248,7 @@ def write_npz(path: epath.Path, arrays: Mapping[str, np.ndarray]) -> None:
   """The whole .npz to a temporary name, then renamed: a reader never sees half a file."""
   buf = io.BytesIO()
   np.savez(buf, **arrays)
-  tmp = path.parent / f'{path.name}.tmp'
-  tmp.write_bytes(buf.getvalue())
-  tmp.replace(path)
+  atomic_io.write_bytes(path, buf.getvalue())
 
 
 def read_npz(path: epath.Path) -> dict[str, np.ndarray]:
