@@ -93,23 +93,25 @@ def _stage1(c: ml_collections.ConfigDict) -> None:
   c.train.init_fresh = PROMPT_LAYERS
   c.prompt.kind_probs = (1.0, 0.0, 0.0)
   c.prompt.entity_dropout_prob = 0.0  # no entity images to drop
-  c.optim.learning_rate = 1e-4
+  c.optim.learning_rate = 2e-4        # the prompt layers start from scratch
   c.optim.schedule = 'constant'
   c.optim.warmup_steps = 100
-  c.train.num_steps = 2000
-  c.train.sample_every = 1000
+  c.train.num_steps = 1000
+  c.train.checkpoint_every = 250      # a stopped run resumes with the same command
+  c.train.sample_every = 500
 
 
 def _stage2(c: ml_collections.ConfigDict) -> None:
-  """Half text-only, half with entity images (with and without their words)."""
+  """Text-only prompts and prompts with entity images (with and without their words)."""
   c.train.init_from = '/tmp/mmgen/unimo1'  # stage 1's run: every parameter is there
-  c.prompt.kind_probs = (0.5, 0.25, 0.25)
+  c.prompt.kind_probs = (0.3, 0.4, 0.3)
   c.objective.entity_align_coeff = 0.01  # FastComposer's scale (0.001) × 10 for a small model
   c.optim.learning_rate = 1e-4
   c.optim.schedule = 'constant'
   c.optim.warmup_steps = 0
-  c.train.num_steps = 2000
-  c.train.sample_every = 1000
+  c.train.num_steps = 1500
+  c.train.checkpoint_every = 250
+  c.train.sample_every = 500
 
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
