@@ -136,6 +136,18 @@ def test_compiled_memory_on_the_fake_devices():
 
 
 @pytest.mark.slow
+def test_the_plans_quick_cpu_compile_gives_the_memory_of_a_full_compile(monkeypatch):
+  """The plan compiles without LLVM's optimisation on CPU; the buffer assignment, and so
+  every memory figure, is that of the optimised compile."""
+  c = tiny(depth=2)
+  quick = plan.make_plan(c, num_devices=8, lower=False, compile=True).compiled_memory
+  monkeypatch.setattr(plan, 'PLAN_CPU_COMPILER_OPTIONS', {})
+  full = plan.make_plan(c, num_devices=8, lower=False, compile=True).compiled_memory
+  assert {k: v for k, v in quick.items() if k != 'code'} == {
+      k: v for k, v in full.items() if k != 'code'}
+
+
+@pytest.mark.slow
 def test_scanned_trunk_keeps_the_batch_split_on_an_fsdp_mesh():
   """Inside the scan the activations stay split over the batch (not the stacked weights'
   embed axis), so the scanned step needs no more temporary memory than the per-block one."""
