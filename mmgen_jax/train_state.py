@@ -221,7 +221,18 @@ def step_flops(cost: Any, grad_accum_steps: int = 1) -> float:
 
 def jit_train_step(train_step: StepFn, shardings: TrainState, batch_sharding: NamedSharding,
                    mesh: Mesh) -> StepFn:
-  """jit with explicit shardings; the old state's buffers are donated to the new one."""
+  """jit with explicit shardings; the old state's buffers are donated to the new one.
+
+  The step is traced under `mesh` whether or not the caller is in `jax.set_mesh(mesh)`:
+  the model's batch constraints (prompt encoder, DiT trunk) apply only under a mesh,
+  and without them XLA's partitioner computed wrong values for the prompt path on a
+  (2, 2, 2) mesh (jax 0.10.2; tests/test_prompt_model.py).
+  """
   repl = parallel.replicated(mesh)
-  return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
+
+  def step_under_mesh(state, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return train_step(state, batch)
+
+  return jax.jit(step_under_mesh, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, repl), donate_argnums=0)

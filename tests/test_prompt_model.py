@@ -337,8 +337,8 @@ def test_unimo_configs_validate_and_build(variant):
 
 @pytest.mark.slow  # two train-step compilations: ~7 s with a warm compilation cache, ~40-90 s cold
 def test_prompt_train_step_on_a_sharded_mesh():
-  """One prompt-conditioned step (with the alignment loss) on a (2, 2, 2) mesh: the loss is the
-  one-device loss, every prompt parameter gets a gradient, the labels the model sees are null."""
+  """One prompt-conditioned step (with the alignment loss) on a (2, 2, 2) mesh, called without
+  an active mesh: the loss is the one-device loss, every prompt parameter gets a gradient."""
   config = _tiny_config(align=0.5)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
   mesh = parallel.make_mesh(config.mesh)
@@ -363,8 +363,11 @@ def test_prompt_train_step_on_a_sharded_mesh():
   assert kv.sharding.spec[1] == 'fsdp' and kv.sharding.spec[3] == 'tensor'
 
   batch = _scene_batch(config)
-  with jax.set_mesh(mesh):  # as train.py runs the loop: the model's constraints need it
-    state, metrics = step(state, pipeline.to_global_batch(batch, mesh, config.sharding_rules))
+  # Called outside `jax.set_mesh`: jit_train_step traces under its mesh itself. Traced
+  # without one, the model's batch constraints were skipped and this loss was wrong
+  # (1.89508 against 1.89388 on one device).
+  assert jax.sharding.get_abstract_mesh().empty
+  state, metrics = step(state, pipeline.to_global_batch(batch, mesh, config.sharding_rules))
   assert np.isfinite(float(metrics['loss'])) and float(metrics['entity_align_count']) > 0
   grads = jax.device_get(state.opt_state[0].trace)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
