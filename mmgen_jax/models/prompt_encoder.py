@@ -330,9 +330,12 @@ class PromptEncoder(nnx.Module):
       raise ValueError(f'entity_images hold {k} entities per sample; expected '
                        f'config.prompt.max_entities={self.max_entities}.')
     tokens = self.resampler(self.image_encoder(images.reshape(n * k, *images.shape[2:])))
-    # Split over the batch alone before the (N·K) -> (N, K) reshape: left to itself,
-    # the partitioner gave wrong values here in the train step on a (2, 2, 2) CPU
-    # mesh (jax 0.10.2; tests/test_prompt_model.py compares with one device).
+    # Split over the batch alone: left to itself, XLA's partitioner computed wrong
+    # resampler outputs (already before the reshape; the image encoder's were right)
+    # in a value-and-grad program of the whole model on a (2, 2, 2) CPU mesh (jax
+    # 0.10.2), though no constraint can change values. The constraint needs a mesh
+    # while tracing: `train_state.jit_train_step` traces under its own; any other
+    # sharded jit of a prompt model must trace inside `jax.set_mesh(mesh)`.
     return _batch_only(tokens, self.batch_axes).reshape(n, k, self.entity_tokens, self.width)
 
   def __call__(self, prompt: Prompt) -> PromptFeatures:
@@ -362,7 +365,11 @@ class PromptEncoder(nnx.Module):
 
 
 def _batch_only(x: jax.Array, batch_axes: str | tuple[str, ...] | None) -> jax.Array:
-  """x split over `batch_axes` on its leading axis, whole on the others (under a mesh)."""
+  """x split over `batch_axes` on its leading axis, whole on the others (under a mesh).
+
+  Without an active mesh it does nothing: a jit given NamedShardings shows no mesh
+  to the traced code, so a sharded program traced outside the mesh goes without it.
+  """
   if batch_axes is None or jax.sharding.get_abstract_mesh().empty:
     return x
   spec = jax.sharding.PartitionSpec(batch_axes, *[None] * (x.ndim - 1))
