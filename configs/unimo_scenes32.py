@@ -96,7 +96,7 @@ def _stage1(c: ml_collections.ConfigDict) -> None:
   c.optim.learning_rate = 2e-4        # the prompt layers start from scratch
   c.optim.schedule = 'constant'
   c.optim.warmup_steps = 100
-  c.train.num_steps = 1000
+  c.train.num_steps = 1000            # 2.5 s/step on 2 quiet CPU cores: 42 min
   c.train.checkpoint_every = 250      # a stopped run resumes with the same command
   c.train.sample_every = 500
 
