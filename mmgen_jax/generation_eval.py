@@ -54,7 +54,6 @@ import functools
 import hashlib
 import io
 import json
-import math
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -275,10 +274,7 @@ def _fingerprint(config: ml_collections.ConfigDict, extractor: Extractor, step: 
 
 def check_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   g = config.eval.gen
-  sharding = parallel.batch_sharding(mesh, config.sharding_rules)
-  axes = sharding.spec[0] if len(sharding.spec) else None
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  ways = math.prod(mesh.shape[a] for a in axes)
+  ways = parallel.batch_ways(mesh, config.sharding_rules)
   if int(g.batch) < 1 or int(g.batch) % ways:
     raise ValueError(f'config.eval.gen.batch={g.batch} must be a positive multiple of the '
                      f'{ways} ways the batch is split over the mesh.')

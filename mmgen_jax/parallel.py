@@ -150,6 +150,14 @@ def batch_sharding(mesh: Mesh, rules: Rules | Iterable) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(('batch',), rules))
 
 
+def batch_ways(mesh: Mesh, rules: Rules | Iterable) -> int:
+  """How many ways `batch_sharding` splits a batch: the product of its mesh axes' sizes."""
+  spec = batch_sharding(mesh, rules).spec
+  axes = spec[0] if len(spec) else None
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

@@ -745,9 +745,7 @@ def evaluate_model(config: Any, workdir: str | None, classifier: str | Classify,
                           entity_tokens=int(config.prompt.entity_tokens),
                           entity_size=int(config.prompt.entity_size))
   if draw is None:
-    spec = parallel.batch_sharding(mesh, config.sharding_rules).spec
-    axes = spec[0] if len(spec) else None
-    ways = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+    ways = parallel.batch_ways(mesh, config.sharding_rules)
     if batch < 1 or batch % ways:
       raise ValueError(f'prompt evaluation batch={batch} must be a positive multiple of the '
                        f'{ways} ways the batch is split over the mesh.')

@@ -16,7 +16,6 @@ model's prompt guidance (config.sample.text_scale / entity_scale).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
@@ -212,9 +211,7 @@ def write_grid(config: Any, workdir: str | None, path: str, *, num: int = 8, kin
     if model is None:
       from mmgen_jax import evaluate  # pylint: disable=g-import-not-at-top
       model, _, mesh = evaluate.restore_for_inference(config, workdir)
-    spec = parallel.batch_sharding(mesh, config.sharding_rules).spec
-    axes = spec[0] if len(spec) else None
-    ways = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+    ways = parallel.batch_ways(mesh, config.sharding_rules)
     batch = -(-num // ways) * ways  # the batch splits over the mesh; extra prompts repeat
     draw = prompt_eval.make_prompt_sampler(config, model, mesh,
                                            codec_lib.from_config(config, mesh), batch)

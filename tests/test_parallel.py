@@ -29,6 +29,16 @@ def test_mesh_shape_fills_the_minus_one_axis():
   assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 3
 
 
+def test_batch_ways_counts_the_mesh_axes_the_batch_splits_over():
+  mesh = parallel.make_mesh(_mesh_cfg(2, 1, 4))
+  assert parallel.batch_ways(mesh, RULES) == 2  # data × fsdp; the tensor axis does not split it
+  mesh = parallel.make_mesh(_mesh_cfg(2, 2, 2))
+  assert parallel.batch_ways(mesh, RULES) == 4
+  only_data = [(k, 'data' if k == 'batch' else v) for k, v in RULES]
+  assert parallel.batch_ways(mesh, only_data) == 2
+  assert parallel.batch_ways(mesh, [(k, None if k == 'batch' else v) for k, v in RULES]) == 1
+
+
 @pytest.mark.parametrize('cfg, message', [
     (_mesh_cfg(-1, 3, 1), 'does not divide the 8 devices'),
     (_mesh_cfg(2, 2, 1), 'has 4 devices but 8 are available'),

@@ -800,9 +800,8 @@ def to_global_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
                     rules: Any) -> dict[str, jax.Array]:
   """Per-process numpy batch -> global jax.Arrays, batch axis over the 'batch' rule's axes."""
   sharding = parallel.batch_sharding(mesh, rules)
-  axes = sharding.spec[0] if len(sharding.spec) else None
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  ways = math.prod(mesh.shape[a] for a in axes)
+  ways = parallel.batch_ways(mesh, rules)
+  axes = sharding.spec[0] if len(sharding.spec) else ()
   out = {}
   for key, x in batch.items():
     global_size = x.shape[0] * jax.process_count()
