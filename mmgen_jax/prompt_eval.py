@@ -86,8 +86,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import time
 from typing import Any, Callable, Mapping, Sequence
 
+from absl import logging
 import numpy as np
 from scipy import optimize
 from scipy import sparse
@@ -759,6 +761,8 @@ def evaluate_model(config: Any, workdir: str | None, classifier: str | Classify,
                                'eval/prompt/kind': float(kind)}
   for name, value in classifier_meta.get('held_out', {}).items():
     results[f'eval/prompt/classifier/{name}'] = float(value)
+  batches_per_variant = -(-num_prompts // batch)
+  total, done, start = batches_per_variant * len(variants), 0, time.time()
   for variant in variants:
     texts = variant_batch(records, variant)
     rgb, seg, feats = [], [], {}
@@ -772,6 +776,11 @@ def evaluate_model(config: Any, workdir: str | None, classifier: str | Classify,
         for k, v in extractor.fn({m.name: out[m.name] for m in images}).items():
           if k.startswith('scenes/'):
             feats.setdefault(k, []).append(gather(v)[keep])
+      done += 1
+      rate = done * batch / (time.time() - start)
+      logging.info('prompt evaluation: %s batch %d/%d (%d of %d batches), %.2f samples/s, '
+                   'ETA %.0f s', variant, b + 1, batches_per_variant, done, total, rate,
+                   (total - done) * batch / rate)
     scores = score_images(np.concatenate(rgb), np.concatenate(seg), records, classify,
                           texts={k: v for k, v in texts.items() if k != 'seed'})
     results.update(aggregate(scores, prefix=f'eval/prompt/{variant}/'))
