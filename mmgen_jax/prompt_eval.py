@@ -814,9 +814,12 @@ def main(argv: Sequence[str]) -> None:
       out['classifier'] = ground_truth_ceiling(records, load_classifier(f.classifier)[0])
     print(json.dumps(out, indent=1))
     return
+  if f.first_prompt < 0:
+    raise ValueError(f'--first_prompt={f.first_prompt}: must be >= 0.')
   results = evaluate_model(f.config, f.workdir, f.classifier, num_prompts=f.num_prompts,
                            batch=f.batch or None, kind=f.kind, variants=f.variants,
-                           scenes_fd=f.scenes_fd)
+                           scenes_fd=f.scenes_fd, first_seed=VALIDATION_SEEDS + f.first_prompt)
+  results['eval/prompt/first_prompt'] = float(f.first_prompt)
   path = epath.Path(f.workdir) / 'eval' / f'prompt_eval_{int(results["eval/prompt/step"]):06d}.json'
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(results, indent=1))
@@ -835,6 +838,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('classifier', None, 'Attribute classifier directory (python -m '
                       'mmgen_jax.models.attribute_classifier --out=DIR).')
   flags.DEFINE_integer('num_prompts', 200, 'Validation scenes whose prompts are evaluated.')
+  flags.DEFINE_integer('first_prompt', 0, 'Index of the first of them among the validation '
+                       'scenes (another set of prompts, e.g. to check settings chosen on one).')
   flags.DEFINE_integer('batch', 0, 'Prompts per sampling batch (0: config.eval.gen.batch).')
   flags.DEFINE_integer('kind', 1, 'Prompt kind: 0 text only, 1 imaged entities without '
                        'words, 2 with words.')
