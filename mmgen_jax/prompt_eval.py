@@ -820,7 +820,9 @@ def main(argv: Sequence[str]) -> None:
                            batch=f.batch or None, kind=f.kind, variants=f.variants,
                            scenes_fd=f.scenes_fd, first_seed=VALIDATION_SEEDS + f.first_prompt)
   results['eval/prompt/first_prompt'] = float(f.first_prompt)
-  path = epath.Path(f.workdir) / 'eval' / f'prompt_eval_{int(results["eval/prompt/step"]):06d}.json'
+  block = f'_from{f.first_prompt}' if f.first_prompt else ''  # one file per block of prompts
+  path = (epath.Path(f.workdir) / 'eval' /
+          f'prompt_eval_{int(results["eval/prompt/step"]):06d}{block}.json')
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(results, indent=1))
   print(json.dumps(results, indent=1))
@@ -834,7 +836,7 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'Experiment config (a prompt model).',
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Its workdir (latest checkpoint; the scores go to '
-                      '<workdir>/eval/prompt_eval_<step>.json).')
+                      '<workdir>/eval/prompt_eval_<step>[_from<first_prompt>].json).')
   flags.DEFINE_string('classifier', None, 'Attribute classifier directory (python -m '
                       'mmgen_jax.models.attribute_classifier --out=DIR).')
   flags.DEFINE_integer('num_prompts', 200, 'Validation scenes whose prompts are evaluated.')
