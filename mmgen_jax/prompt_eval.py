@@ -800,25 +800,26 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  if f.first_prompt < 0:
+    raise ValueError(f'--first_prompt={f.first_prompt}: must be >= 0.')
+  first_seed = VALIDATION_SEEDS + f.first_prompt
   if f.grid:
     from mmgen_jax import prompt_grid  # pylint: disable=g-import-not-at-top
     prompt_grid.write_grid(f.config, f.workdir, f.grid, num=f.num_grid, kind=f.kind,
-                           truth=f.grid_truth)
+                           truth=f.grid_truth, first_seed=first_seed)
     print(f'wrote {f.grid}')
     return
   if f.ceiling:
-    records = scene_records(range(VALIDATION_SEEDS, VALIDATION_SEEDS + f.num_prompts),
+    records = scene_records(range(first_seed, first_seed + f.num_prompts),
                             f.resolution, kind=f.kind, with_scene=True)
     out = {'oracle': ground_truth_ceiling(records)}
     if f.classifier:
       out['classifier'] = ground_truth_ceiling(records, load_classifier(f.classifier)[0])
     print(json.dumps(out, indent=1))
     return
-  if f.first_prompt < 0:
-    raise ValueError(f'--first_prompt={f.first_prompt}: must be >= 0.')
   results = evaluate_model(f.config, f.workdir, f.classifier, num_prompts=f.num_prompts,
                            batch=f.batch or None, kind=f.kind, variants=f.variants,
-                           scenes_fd=f.scenes_fd, first_seed=VALIDATION_SEEDS + f.first_prompt)
+                           scenes_fd=f.scenes_fd, first_seed=first_seed)
   results['eval/prompt/first_prompt'] = float(f.first_prompt)
   block = f'_from{f.first_prompt}' if f.first_prompt else ''  # one file per block of prompts
   path = (epath.Path(f.workdir) / 'eval' /
@@ -841,7 +842,8 @@ if __name__ == '__main__':
                       'mmgen_jax.models.attribute_classifier --out=DIR).')
   flags.DEFINE_integer('num_prompts', 200, 'Validation scenes whose prompts are evaluated.')
   flags.DEFINE_integer('first_prompt', 0, 'Index of the first of them among the validation '
-                       'scenes (another set of prompts, e.g. to check settings chosen on one).')
+                       'scenes (another set of prompts, e.g. to check settings chosen on one); '
+                       'also where --grid and --ceiling start.')
   flags.DEFINE_integer('batch', 0, 'Prompts per sampling batch (0: config.eval.gen.batch).')
   flags.DEFINE_integer('kind', 1, 'Prompt kind: 0 text only, 1 imaged entities without '
                        'words, 2 with words.')

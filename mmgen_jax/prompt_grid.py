@@ -184,12 +184,13 @@ def scene_rows(seeds: Sequence[int], config: Any, names: Sequence[str]) -> dict[
 
 
 def write_grid(config: Any, workdir: str | None, path: str, *, num: int = 8, kind: int = 1,
-               truth: Sequence[str] = ('rgb',), model: Any = None, mesh: Any = None,
+               truth: Sequence[str] = ('rgb',), first_seed: int = prompt_eval.VALIDATION_SEEDS,
+               model: Any = None, mesh: Any = None,
                draw: Callable[[int, Record], Mapping[str, Any]] | None = None) -> np.ndarray:
   """Writes (and returns) the prompt grid of the model in `workdir` (its EMA parameters as
   evaluate.restore_for_inference loads them, unless `model`/`mesh` or `draw` are given;
   `draw` is prompt_eval.make_prompt_sampler's signature): `num` prompts of `kind`
-  (`pick_seeds`), the generated image modalities, and the ground-truth rows `truth`."""
+  (`pick_seeds` from `first_seed` on), the generated image modalities, and the ground-truth rows `truth`."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from mmgen_jax import codec as codec_lib  # pylint: disable=g-import-not-at-top
@@ -200,7 +201,8 @@ def write_grid(config: Any, workdir: str | None, path: str, *, num: int = 8, kin
     raise ValueError('a prompt grid needs a model with a prompt encoder: config.prompt.name '
                      "is '' (see configs/unimo_scenes32.py).")
   res = int(config.data.resolution)
-  seeds = pick_seeds(num, kind=kind, max_tokens=int(config.prompt.max_tokens),
+  seeds = pick_seeds(num, kind=kind, first_seed=first_seed,
+                     max_tokens=int(config.prompt.max_tokens),
                      entity_tokens=int(config.prompt.entity_tokens))
   records = prompt_eval.scene_records(seeds, res, kind=kind,
                                       max_tokens=int(config.prompt.max_tokens),

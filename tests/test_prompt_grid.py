@@ -227,3 +227,23 @@ def test_write_grid_shows_prompts_with_1_to_4_imaged_entities_and_their_truth(tm
       top = 2 * pad + panels.shape[1] + (4 + r) * (tile + pad)
       np.testing.assert_array_equal(grid[top:top + tile, left:left + tile],
                                     truth[name][c].repeat(scale, 0).repeat(scale, 1))
+
+
+def test_write_grid_starts_at_first_seed(tmp_path):
+  config = _config()
+  seen = {}
+
+  def draw(index, records):
+    seen.update(records)
+    n = len(records['prompt_tokens'])
+    return {m: np.zeros((n, RES, RES, c), np.float32)
+            for m, c in (('rgb', 3), ('depth', 1), ('normal', 3), ('segmentation', 3))}
+
+  first = pg.prompt_eval.VALIDATION_SEEDS + 500
+  pg.write_grid(config, None, str(tmp_path / 'grid.png'), num=4, kind=1, truth=(),
+                first_seed=first, draw=draw)
+  seeds = pg.pick_seeds(4, kind=1, first_seed=first)
+  assert min(seeds) >= first
+  want = pg.prompt_eval.scene_records(seeds, RES, kind=1, max_tokens=L, entity_tokens=R,
+                                      entity_size=S)
+  np.testing.assert_array_equal(seen['prompt_tokens'], want['prompt_tokens'])
